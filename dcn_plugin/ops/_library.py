@@ -1,0 +1,175 @@
+"""Loads the compiled op library and registers its Python-side pieces once.
+
+The schemas of ``dcn_plugin::deform_conv`` and ``dcn_plugin::deform_conv_backward`` live in
+C++ (``csrc/deform_conv.cpp``), modelled on ``aten::convolution``: one op for 1d/2d/3d and for
+transposed convolution. Here, with ``torch.library``, we register for them:
+
+- fake (meta) kernels, so ``torch.compile`` and ``torch.export`` can trace the op;
+- autograd, through the backward op (which computes only the gradients that are needed);
+- autocast for CPU and CUDA: the op runs in the autocast dtype, as ``conv2d`` does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_LOAD_ERROR: Optional[BaseException] = None
+try:
+    _C = importlib.import_module("dcn_plugin._C")
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _C = None
+    _LOAD_ERROR = exc
+
+
+def has_ops() -> bool:
+    """Whether the compiled op library was loaded."""
+    return _C is not None
+
+
+def with_cuda() -> bool:
+    """Whether the compiled op library contains CUDA kernels."""
+    return _C is not None and bool(torch.ops.dcn_plugin._with_cuda())
+
+
+def cuda_version() -> int:
+    """CUDA version the library was compiled with (e.g. 13000), or -1 without CUDA."""
+    return int(torch.ops.dcn_plugin._cuda_version()) if has_ops() else -1
+
+
+def require_ops() -> None:
+    if _C is None:
+        raise RuntimeError(
+            "dcn_plugin's compiled ops are not available; rebuild them with "
+            "`pip install --no-build-isolation -e .` (import error: %r)" % (_LOAD_ERROR,)
+        )
+
+
+def set_workspace_limit(num_bytes: int) -> int:
+    """Set the memory budget (bytes) of the column buffer; returns the previous budget.
+
+    The kernels split each image's columns into chunks that fit this budget, so any batch and
+    image size runs in bounded extra memory. The default is 256 MiB.
+    """
+    require_ops()
+    if num_bytes <= 0:
+        raise ValueError(f"num_bytes must be positive, got {num_bytes}")
+    return int(torch.ops.dcn_plugin._set_workspace_limit(int(num_bytes)))
+
+
+def _conv_output_size(
+    in_size: int, kernel: int, stride: int, padding: int, dilation: int, transposed: bool, output_padding: int
+):
+    if transposed:
+        return (in_size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+    return (in_size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _output_shape(
+    input: Tensor,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+) -> List[int]:
+    n = weight.dim() - 2
+    kernel = weight.shape[2:]
+    out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    spatial = [
+        _conv_output_size(input.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], transposed,
+                          output_padding[d])
+        for d in range(n)
+    ]
+    return [input.shape[0], out_channels, *spatial]
+
+
+if _C is not None:
+    _op = torch.ops.dcn_plugin.deform_conv.default
+    _backward_op = torch.ops.dcn_plugin.deform_conv_backward.default
+
+    @torch.library.register_fake("dcn_plugin::deform_conv")
+    def _deform_conv_fake(input, weight, offset, mask, bias, stride, padding, dilation, transposed,
+                          output_padding, groups):
+        torch._check(input.dim() == weight.dim(), lambda: "input and weight must have the same rank")
+        shape = _output_shape(input, weight, stride, padding, dilation, transposed, output_padding, groups)
+        return input.new_empty(shape)
+
+    @torch.library.register_fake("dcn_plugin::deform_conv_backward")
+    def _deform_conv_backward_fake(grad_output, input, weight, offset, mask, stride, padding, dilation,
+                                   transposed, output_padding, groups, output_mask):
+        def grad_like(t, needed):
+            return torch.empty_like(t, memory_format=torch.contiguous_format) if needed and t is not None \
+                else input.new_empty((0,))
+
+        return (grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]),
+                grad_like(offset, output_mask[2]), grad_like(mask, output_mask[3]))
+
+    def _setup_context(ctx, inputs, output):
+        input, weight, offset, mask, bias, stride, padding, dilation, transposed, output_padding, groups = inputs
+        ctx.save_for_backward(input, weight, offset, mask)
+        ctx.params = (stride, padding, dilation, transposed, output_padding, groups)
+        ctx.has_bias = bias is not None
+
+    def _backward(ctx, grad_output):
+        input, weight, offset, mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        output_mask = [needs[0], needs[1], offset is not None and needs[2], mask is not None and needs[3]]
+        grads = [None] * 4
+        if any(output_mask):
+            result = _backward_op(grad_output, input, weight, offset, mask, *ctx.params, output_mask)
+            grads = [g if m else None for g, m in zip(result, output_mask)]
+        grad_bias = None
+        if ctx.has_bias and needs[4]:
+            grad_bias = grad_output.sum(dim=[d for d in range(grad_output.dim()) if d != 1])
+        return (*grads, grad_bias, None, None, None, None, None, None)
+
+    torch.library.register_autograd("dcn_plugin::deform_conv", _backward, setup_context=_setup_context)
+
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            "dcn_plugin.deform_conv: double backward (gradients of gradients) is not supported"
+        )
+
+    def _backward_setup_context(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd(
+        "dcn_plugin::deform_conv_backward", _no_double_backward, setup_context=_backward_setup_context
+    )
+
+    def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
+        """Run ``op`` in the autocast dtype of ``device_type`` (as ``conv2d`` does).
+
+        ``torch.library.register_autocast`` casts to one fixed dtype; convolution instead follows
+        whatever dtype the enclosing ``torch.autocast`` asks for, so we register the same kind of
+        kernel with the dtype read at call time.
+        """
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def cast(value, dtype):
+            if isinstance(value, Tensor) and value.is_floating_point() and value.device.type == device_type:
+                return value.to(dtype)
+            return value
+
+        def kernel(_keyset, *args):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+                return op(*(cast(a, dtype) for a in args))
+
+        _LIB.impl(op._schema.name.split("::")[1], kernel, key_name, with_keyset=True)
+
+    _LIB = torch.library.Library("dcn_plugin", "IMPL")
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_op, _device_type)
+
+
+def prod(values: Sequence[int]) -> int:
+    return math.prod(values)

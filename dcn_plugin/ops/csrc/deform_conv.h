@@ -1,0 +1,82 @@
+// The N-d deformable convolution op: geometry shared by every device, the three sampling
+// primitives each device implements, and the device-independent driver that builds forward and
+// backward from them and matrix products.
+//
+// Roles. Forward and transposed convolution are adjoints, so one vocabulary serves both:
+// - the *image* is the tensor that is sampled at deformed positions: the input of deformable
+//   convolution, the output of the transposed op;
+// - the *grid* is where offsets and masks live and where columns are laid out: the output grid
+//   of convolution, the input grid of the transposed op.
+// Columns have shape (C_image * K, L): row c * K + k holds, for every grid point l, channel c of
+// the image sampled by kernel point k at grid point l, times the mask.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "sampling.h"
+
+namespace dcn_plugin {
+
+struct Geometry {
+  int64_t dims = 0;                 // N, the number of spatial dimensions
+  int64_t image_size[kMaxDims];     // spatial size of the sampled image
+  int64_t image_stride[kMaxDims];   // row-major strides of the image, in elements
+  int64_t grid_size[kMaxDims];      // spatial size of the column grid
+  int64_t kernel_size[kMaxDims];
+  int64_t stride[kMaxDims];
+  int64_t padding[kMaxDims];
+  int64_t dilation[kMaxDims];
+  int64_t channels = 0;             // C_image, channels of the sampled image
+  int64_t offset_groups = 0;        // 0 when there is no offset
+  int64_t mask_groups = 0;          // 0 when there is no mask
+
+  int64_t kernel_points() const { return product(kernel_size); }
+  int64_t grid_points() const { return product(grid_size); }
+  int64_t image_points() const { return product(image_size); }
+
+ private:
+  int64_t product(const int64_t* values) const {
+    int64_t p = 1;
+    for (int64_t d = 0; d < dims; ++d) p *= values[d];
+    return p;
+  }
+};
+
+// Per-image views handed to the primitives; all contiguous and of the column dtype.
+//   image:  (C_image, *image_size)
+//   offset: (offset_groups * K * N, L) or undefined;  mask: (mask_groups * K, L) or undefined
+//   columns: (C_image * K, count), covering grid points [first, first + count)
+struct SamplingKernels {
+  // The dtype columns are computed in for inputs of `dtype`.
+  at::ScalarType (*column_dtype)(at::ScalarType dtype);
+  // columns = mask * sample(image) for grid points [first, first + count).
+  void (*im2col)(const Geometry&, const at::Tensor& image, const at::Tensor& offset, const at::Tensor& mask,
+                 int64_t first, int64_t count, at::Tensor& columns);
+  // image += the adjoint of im2col applied to columns (scatter of mask * columns).
+  void (*col2im)(const Geometry&, const at::Tensor& columns, const at::Tensor& offset, const at::Tensor& mask,
+                 int64_t first, int64_t count, at::Tensor& image);
+  // For columns holding d loss / d (im2col output), accumulates d loss / d offset and
+  // d loss / d mask into columns [first, first + count) of grad_offset / grad_mask (either may be
+  // undefined when not needed).
+  void (*coordinate_grad)(const Geometry&, const at::Tensor& image, const at::Tensor& offset,
+                          const at::Tensor& mask, const at::Tensor& columns, int64_t first, int64_t count,
+                          at::Tensor& grad_offset, at::Tensor& grad_mask);
+};
+
+// Bytes of scratch memory one grid point of a column chunk may use (columns plus whatever the
+// device's primitives allocate per grid point); the driver sizes its chunks with it.
+int64_t workspace_limit();
+
+at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor& input, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
+                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                               at::IntArrayRef output_padding, int64_t groups);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
+    const SamplingKernels& kernels, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+    at::IntArrayRef output_padding, int64_t groups, std::array<bool, 4> output_mask);
+
+}  // namespace dcn_plugin

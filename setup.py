@@ -1,0 +1,62 @@
+"""Build script for dcn_plugin's compiled op library ``dcn_plugin._C``.
+
+The CUDA sources are compiled when torch was built with CUDA and nvcc is found, or when
+``FORCE_CUDA=1``; ``FORCE_CUDA=0`` disables them. Build without isolation so the torch that is
+already installed is used: ``pip install --no-build-isolation -e .``.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - explained to the user
+    raise SystemExit(
+        "dcn_plugin needs PyTorch installed before it is built; install torch first and "
+        "build with `pip install --no-build-isolation -e .`"
+    ) from exc
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("dcn_plugin", "ops", "csrc")
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("FORCE_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp" if os.name != "nt" else "/openmp"]
+    define_macros = []
+    if _want_cuda():
+        sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+        define_macros.append(("DCN_WITH_CUDA", None))
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        return CUDAExtension(
+            "dcn_plugin._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, CSRC)],
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    return CppExtension(
+        "dcn_plugin._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, CSRC)],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"] if os.name != "nt" else [],
+    )
+
+
+setup(
+    packages=find_packages(include=["dcn_plugin", "dcn_plugin.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
