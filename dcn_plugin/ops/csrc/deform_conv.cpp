@@ -3,9 +3,9 @@
 // The driver turns the op into matrix products over columns (see deform_conv.h for the roles of
 // image and grid). With W viewed as (groups, C_grid / groups, C_image / groups * K):
 //   convolution:  out = W @ im2col(in)              transposed:  out = col2im(W^T @ in)
-// and the backward of both uses the same three pieces:
+// and the backward of both comes from one sampling pass and matrix products:
 //   d weight  = dense @ im2col(image)^T            (dense: grad_out, or the transposed op's input)
-//   d offset, d mask = coordinate_grad(image, W^T @ dense)
+//   d offset, d mask = coordinate gradients of sampling image, against W^T @ dense
 //   d input   = col2im(W^T @ grad_out)  for convolution,  W @ im2col(grad_out)  for transposed.
 // Each image is processed in chunks of grid points whose columns fit the workspace limit.
 #include "deform_conv.h"
@@ -223,42 +223,49 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
   const auto column_dtype = kernels.column_dtype(input.scalar_type());
   const auto column_options = input.options().dtype(column_dtype);
   const bool same_dtype = column_dtype == input.scalar_type();
-  const int64_t kernel_points = g.kernel_points();
   const int64_t points = g.grid_points();
-  const int64_t image_rows = p.image_channels * kernel_points;
+  const int64_t image_rows = p.image_channels * g.kernel_points();
+  const int64_t rows_per_group = image_rows / groups;
   const int64_t grid_per_group = p.grid_channels / groups;
-  const at::Tensor w = weight.to(column_dtype).contiguous().view({groups, grid_per_group, image_rows / groups});
+  const at::Tensor w = weight.to(column_dtype).contiguous().view({groups, grid_per_group, rows_per_group});
   const int64_t chunk = chunk_points(p, column_dtype, 1);
   at::Tensor buffer = at::empty({image_rows * std::min(chunk, points)}, column_options);
 
   for (int64_t b = 0; b < p.batch; ++b) {
-    const at::Tensor off = per_image(offset, b, column_dtype, points);
-    const at::Tensor msk = per_image(mask, b, column_dtype, points);
+    SamplePass pass{g};
+    pass.offset = per_image(offset, b, column_dtype, points);
+    pass.mask = per_image(mask, b, column_dtype, points);
     if (!transposed) {
-      const at::Tensor image = input[b].to(column_dtype);
+      // out = W @ im2col(input)
+      pass.image = input[b].to(column_dtype);
       at::Tensor out_b = out[b].view({groups, grid_per_group, points});
       for (int64_t first = 0; first < points; first += chunk) {
         const int64_t count = std::min(chunk, points - first);
-        at::Tensor columns = buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
-        kernels.im2col(g, image, off, msk, first, count, columns);
-        const at::Tensor cols = columns.view({groups, image_rows / groups, count});
+        pass.first = first;
+        pass.count = count;
+        pass.columns = buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
+        kernels.sample(pass);
+        const at::Tensor columns = pass.columns.view({groups, rows_per_group, count});
         if (same_dtype && count == points) {
-          at::bmm_out(out_b, w, cols);
+          at::bmm_out(out_b, w, columns);
         } else {
-          out_b.narrow(2, first, count).copy_(at::bmm(w, cols));
+          out_b.narrow(2, first, count).copy_(at::bmm(w, columns));
         }
       }
     } else {
+      // out = col2im(W^T @ input)
       const at::Tensor dense = input[b].to(column_dtype).view({groups, grid_per_group, points});
-      at::Tensor image = same_dtype ? out[b].zero_() : at::zeros(p.image_shape, column_options);
+      pass.grad_image = same_dtype ? out[b].zero_() : at::zeros(p.image_shape, column_options);
       for (int64_t first = 0; first < points; first += chunk) {
         const int64_t count = std::min(chunk, points - first);
-        at::Tensor columns = buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
-        at::Tensor grouped = columns.view({groups, image_rows / groups, count});
+        pass.first = first;
+        pass.count = count;
+        pass.grad_columns = buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
+        at::Tensor grouped = pass.grad_columns.view({groups, rows_per_group, count});
         at::bmm_out(grouped, w.transpose(1, 2), dense.narrow(2, first, count));
-        kernels.col2im(g, columns, off, msk, first, count, image);
+        kernels.sample(pass);
       }
-      if (!same_dtype) out[b].copy_(image);
+      if (!same_dtype) out[b].copy_(pass.grad_image);
     }
   }
   if (bias) {
@@ -286,17 +293,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   const bool need_weight = output_mask[1];
   const bool need_offset = output_mask[2] && offset.has_value();
   const bool need_mask = output_mask[3] && mask.has_value();
-  // im2col(image) feeds d weight (and d input of the transposed op); W^T @ dense feeds the rest.
-  const bool need_columns = need_weight || (transposed && need_input);
-  const bool need_dense_columns = need_offset || need_mask || (!transposed && need_input);
+  // d input of convolution is a scatter onto the image; of the transposed op, W @ im2col(grad_out).
+  const bool scatter_input = need_input && !transposed;
+  const bool need_columns = need_weight || (need_input && transposed);
+  const bool need_grad_columns = need_offset || need_mask || scatter_input;
 
   const auto dtype = input.scalar_type();
   const auto column_dtype = kernels.column_dtype(dtype);
   const auto column_options = input.options().dtype(column_dtype);
   const bool same_dtype = column_dtype == dtype;
-  const int64_t kernel_points = g.kernel_points();
   const int64_t points = g.grid_points();
-  const int64_t image_rows = p.image_channels * kernel_points;
+  const int64_t image_rows = p.image_channels * g.kernel_points();
   const int64_t rows_per_group = image_rows / groups;
   const int64_t grid_per_group = p.grid_channels / groups;
   const at::Tensor w = weight.to(column_dtype).contiguous().view({groups, grid_per_group, rows_per_group});
@@ -309,47 +316,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   at::Tensor grad_offset = need_offset ? at::zeros(offset->sizes(), column_options) : empty;
   at::Tensor grad_mask = need_mask ? at::zeros(mask->sizes(), column_options) : empty;
 
-  const int64_t chunk = chunk_points(p, column_dtype, int64_t(need_columns) + int64_t(need_dense_columns));
+  const int64_t chunk = chunk_points(p, column_dtype, int64_t(need_columns) + int64_t(need_grad_columns));
   const int64_t buffer_size = image_rows * std::min(chunk, points);
   at::Tensor column_buffer = need_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
-  at::Tensor dense_column_buffer = need_dense_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
+  at::Tensor grad_column_buffer = need_grad_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
 
   for (int64_t b = 0; b < p.batch; ++b) {
-    const at::Tensor off = per_image(offset, b, column_dtype, points);
-    const at::Tensor msk = per_image(mask, b, column_dtype, points);
-    at::Tensor grad_off = need_offset ? grad_offset[b].view({-1, points}) : at::Tensor();
-    at::Tensor grad_msk = need_mask ? grad_mask[b].view({-1, points}) : at::Tensor();
-    const at::Tensor image = image_source[b].to(column_dtype);
-    const at::Tensor dense = dense_source[b].to(column_dtype).view({groups, grid_per_group, points});
-    // d input lands on the image (convolution) or on the grid (transposed op).
-    at::Tensor grad_image, grad_dense;
-    if (need_input && !transposed) {
-      grad_image = same_dtype ? grad_input[b].zero_() : at::zeros(p.image_shape, column_options);
-    } else if (need_input) {
+    SamplePass pass{g};
+    pass.offset = per_image(offset, b, column_dtype, points);
+    pass.mask = per_image(mask, b, column_dtype, points);
+    if (need_columns || need_offset || need_mask) pass.image = image_source[b].to(column_dtype);
+    if (need_offset) pass.grad_offset = grad_offset[b].view({-1, points});
+    if (need_mask) pass.grad_mask = grad_mask[b].view({-1, points});
+    if (scatter_input) pass.grad_image = same_dtype ? grad_input[b].zero_() : at::zeros(p.image_shape, column_options);
+    at::Tensor grad_dense;  // d input of the transposed op, on the grid
+    if (need_input && transposed) {
       grad_dense = (same_dtype ? grad_input[b] : at::empty(grad_input[b].sizes(), column_options))
                        .view({groups, grid_per_group, points});
     }
+    const at::Tensor dense = dense_source[b].to(column_dtype).view({groups, grid_per_group, points});
     for (int64_t first = 0; first < points; first += chunk) {
       const int64_t count = std::min(chunk, points - first);
       const at::Tensor dense_chunk = dense.narrow(2, first, count);
-      if (need_columns) {
-        at::Tensor columns = column_buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
-        kernels.im2col(g, image, off, msk, first, count, columns);
-        const at::Tensor cols = columns.view({groups, rows_per_group, count});
-        if (need_weight) grad_weight.baddbmm_(dense_chunk, cols.transpose(1, 2));
-        if (need_input && transposed) grad_dense.narrow(2, first, count).copy_(at::bmm(w, cols));
-      }
-      if (need_dense_columns) {
-        at::Tensor columns = dense_column_buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
-        at::Tensor grouped = columns.view({groups, rows_per_group, count});
+      pass.first = first;
+      pass.count = count;
+      if (need_grad_columns) {
+        pass.grad_columns = grad_column_buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
+        at::Tensor grouped = pass.grad_columns.view({groups, rows_per_group, count});
         at::bmm_out(grouped, w.transpose(1, 2), dense_chunk);
-        if (need_input && !transposed) kernels.col2im(g, columns, off, msk, first, count, grad_image);
-        if (need_offset || need_mask) {
-          kernels.coordinate_grad(g, image, off, msk, columns, first, count, grad_off, grad_msk);
-        }
+      }
+      if (need_columns) pass.columns = column_buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
+      kernels.sample(pass);
+      if (need_columns) {
+        const at::Tensor columns = pass.columns.view({groups, rows_per_group, count});
+        if (need_weight) grad_weight.baddbmm_(dense_chunk, columns.transpose(1, 2));
+        if (need_input && transposed) grad_dense.narrow(2, first, count).copy_(at::bmm(w, columns));
       }
     }
-    if (need_input && !same_dtype) grad_input[b].copy_(transposed ? grad_dense.view(grad_input[b].sizes()) : grad_image);
+    if (need_input && !same_dtype) {
+      grad_input[b].copy_(transposed ? grad_dense.view(grad_input[b].sizes()) : pass.grad_image);
+    }
   }
   if (need_weight) grad_weight = grad_weight.view(weight.sizes()).to(dtype);
   if (need_offset) grad_offset = grad_offset.to(dtype);

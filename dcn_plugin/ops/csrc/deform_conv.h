@@ -42,25 +42,28 @@ struct Geometry {
   }
 };
 
-// Per-image views handed to the primitives; all contiguous and of the column dtype.
-//   image:  (C_image, *image_size)
-//   offset: (offset_groups * K * N, L) or undefined;  mask: (mask_groups * K, L) or undefined
-//   columns: (C_image * K, count), covering grid points [first, first + count)
+// One call of a device's sampling pass, over the grid points [first, first + count) of one image.
+// All tensors are contiguous and of the column dtype; undefined tensors are not read or written.
+//   image:   (C_image, *image_size), the tensor that is sampled
+//   offset:  (offset_groups * K * N, L);  mask: (mask_groups * K, L)
+//   grad_columns: (C_image * K, count), d loss / d columns (or any columns to scatter)
+// Outputs:
+//   columns      = mask * sample(image)                              (im2col), overwritten
+//   grad_image  += sampling's adjoint applied to grad_columns        (col2im), accumulated
+//   grad_offset += d loss / d offset, grad_mask += d loss / d mask, for the given grad_columns,
+//                  in columns [first, first + count) of (rows, L) tensors
+struct SamplePass {
+  const Geometry& geometry;
+  at::Tensor image, offset, mask, grad_columns;
+  int64_t first = 0, count = 0;
+  at::Tensor columns, grad_image, grad_offset, grad_mask;
+};
+
 struct SamplingKernels {
   // The dtype columns are computed in for inputs of `dtype`.
   at::ScalarType (*column_dtype)(at::ScalarType dtype);
-  // columns = mask * sample(image) for grid points [first, first + count).
-  void (*im2col)(const Geometry&, const at::Tensor& image, const at::Tensor& offset, const at::Tensor& mask,
-                 int64_t first, int64_t count, at::Tensor& columns);
-  // image += the adjoint of im2col applied to columns (scatter of mask * columns).
-  void (*col2im)(const Geometry&, const at::Tensor& columns, const at::Tensor& offset, const at::Tensor& mask,
-                 int64_t first, int64_t count, at::Tensor& image);
-  // For columns holding d loss / d (im2col output), accumulates d loss / d offset and
-  // d loss / d mask into columns [first, first + count) of grad_offset / grad_mask (either may be
-  // undefined when not needed).
-  void (*coordinate_grad)(const Geometry&, const at::Tensor& image, const at::Tensor& offset,
-                          const at::Tensor& mask, const at::Tensor& columns, int64_t first, int64_t count,
-                          at::Tensor& grad_offset, at::Tensor& grad_mask);
+  // Computes every output of the pass that is defined, in one sweep over the samples.
+  void (*sample)(SamplePass& pass);
 };
 
 // Bytes of scratch memory one grid point of a column chunk may use (columns plus whatever the

@@ -1,11 +1,13 @@
-// CPU sampling primitives for dcn_plugin::deform_conv, and its CPU registration.
+// CPU sampling pass for dcn_plugin::deform_conv, and its CPU registration.
 //
 // For each chunk of grid points we first fill a sampling table: for every offset group, kernel
 // point and grid point, the flat indices and N-linear weights of the 2^N corners (and the weights'
 // derivatives when offsets need gradients). The table depends on the offsets only, so it is
-// computed once per chunk and reused by every channel of the group; the per-channel loops are then
-// a gather (im2col), a scatter (col2im) or a gather with a reduction (coordinate_grad), each
-// parallel over work items that never write the same element, so results are deterministic.
+// computed once per chunk and reused by every channel of the group. One sweep over
+// (channel, kernel point, grid point) then gathers the corners once and produces whatever the
+// pass asks for: columns (im2col), the scatter of gradient columns (col2im) and the offset and
+// mask gradients. Work is split so that no two threads write the same element, and sums are
+// made in a fixed order, so results are deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -67,127 +69,167 @@ struct ChannelGroups {
         per_mask_group(g.mask_groups > 0 ? g.channels / g.mask_groups : 1) {}
 };
 
-int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
-
-template <int N, typename scalar_t, typename index_t>
-void im2col_impl(const Geometry& g, const at::Tensor& image, const at::Tensor& offset, const at::Tensor& mask,
-                 int64_t first, int64_t count, at::Tensor& columns) {
-  constexpr int kCorners = Corners<N>::kCount;
-  const SamplingTable<N, scalar_t, index_t> table(g, offset, first, count, false);
-  const ChannelGroups groups(g);
-  const int64_t K = g.kernel_points(), points = g.grid_points(), image_points = g.image_points();
-  const scalar_t* img = image.data_ptr<scalar_t>();
-  const scalar_t* msk = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-  scalar_t* cols = columns.data_ptr<scalar_t>();
-  at::parallel_for(0, g.channels * K, grain_for(count), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t c = row / K, k = row % K;
-      const int64_t e0 = table.entry(c / groups.per_offset_group, k, 0);
-      const index_t* idx = &table.index[e0 * kCorners];
-      const scalar_t* w = &table.weight[e0 * kCorners];
-      const scalar_t* src = img + c * image_points;
-      scalar_t* dst = cols + row * count;
-      for (int64_t j = 0; j < count; ++j) {
-        scalar_t v = 0;
-        for (int corner = 0; corner < kCorners; ++corner) {
-          v += w[j * kCorners + corner] * src[idx[j * kCorners + corner]];
-        }
-        dst[j] = v;
-      }
-      if (msk != nullptr) {
-        const scalar_t* m = msk + (c / groups.per_mask_group * K + k) * points + first;
-        for (int64_t j = 0; j < count; ++j) dst[j] *= m[j];
-      }
-    }
-  });
+template <typename scalar_t>
+scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
 template <int N, typename scalar_t, typename index_t>
-void col2im_impl(const Geometry& g, const at::Tensor& columns, const at::Tensor& offset, const at::Tensor& mask,
-                 int64_t first, int64_t count, at::Tensor& image) {
-  constexpr int kCorners = Corners<N>::kCount;
-  const SamplingTable<N, scalar_t, index_t> table(g, offset, first, count, false);
-  const ChannelGroups groups(g);
-  const int64_t K = g.kernel_points(), points = g.grid_points(), image_points = g.image_points();
-  scalar_t* img = image.data_ptr<scalar_t>();
-  const scalar_t* msk = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* cols = columns.data_ptr<scalar_t>();
-  // One channel per work item: channels scatter into disjoint planes of the image.
-  at::parallel_for(0, g.channels, grain_for(count * K), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      scalar_t* dst = img + c * image_points;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t e0 = table.entry(c / groups.per_offset_group, k, 0);
-        const index_t* idx = &table.index[e0 * kCorners];
-        const scalar_t* w = &table.weight[e0 * kCorners];
-        const scalar_t* src = cols + (c * K + k) * count;
-        const scalar_t* m = msk != nullptr ? msk + (c / groups.per_mask_group * K + k) * points + first : nullptr;
-        for (int64_t j = 0; j < count; ++j) {
-          const scalar_t v = m != nullptr ? src[j] * m[j] : src[j];
-          for (int corner = 0; corner < kCorners; ++corner) {
-            dst[idx[j * kCorners + corner]] += w[j * kCorners + corner] * v;
-          }
+struct SampleSweep {
+  static constexpr int kCorners = Corners<N>::kCount;
+  const Geometry& g;
+  const SamplingTable<N, scalar_t, index_t>& table;
+  ChannelGroups groups;
+  int64_t K, points, image_points, first, count;
+  const scalar_t *image, *mask, *grad_columns;
+  scalar_t *columns, *grad_image;
+
+  // Sweeps channel c, kernel point k, grid points [j0, j1). Coordinate gradients, when wanted,
+  // are accumulated into `grad_offset` (rows (og - og0) * K * N + k * N + d) and `grad_mask`
+  // (rows (mg - mg0) * K + k), each row `stride` long, with j as column.
+  void run(int64_t c, int64_t k, int64_t j0, int64_t j1, scalar_t* grad_offset, int64_t og0, scalar_t* grad_mask,
+           int64_t mg0, int64_t stride) const {
+    const int64_t og = c / groups.per_offset_group, mg = c / groups.per_mask_group;
+    const int64_t e0 = table.entry(og, k, 0);
+    const index_t* idx = &table.index[e0 * kCorners];
+    const scalar_t* w = &table.weight[e0 * kCorners];
+    const scalar_t* dw = grad_offset != nullptr ? &table.weight_grad[e0 * N * kCorners] : nullptr;
+    const int64_t row = c * K + k;
+    const scalar_t* src = image != nullptr ? image + c * image_points : nullptr;
+    const scalar_t* m = mask != nullptr ? mask + (mg * K + k) * points + first : nullptr;
+    const scalar_t* gcol = grad_columns != nullptr ? grad_columns + row * count : nullptr;
+    scalar_t* col = columns != nullptr ? columns + row * count : nullptr;
+    scalar_t* gimg = grad_image != nullptr ? grad_image + c * image_points : nullptr;
+    scalar_t* go = grad_offset != nullptr ? grad_offset + ((og - og0) * K + k) * N * stride : nullptr;
+    scalar_t* gm = grad_mask != nullptr ? grad_mask + ((mg - mg0) * K + k) * stride : nullptr;
+    const bool need_value = col != nullptr || gm != nullptr;
+    for (int64_t j = j0; j < j1; ++j) {
+      const index_t* jdx = idx + j * kCorners;
+      const scalar_t* jw = w + j * kCorners;
+      const scalar_t scale = m != nullptr ? m[j] : scalar_t(1);
+      if (need_value) {
+        scalar_t value = 0;
+        for (int corner = 0; corner < kCorners; ++corner) value += jw[corner] * src[jdx[corner]];
+        if (col != nullptr) col[j] = scale * value;
+        if (gm != nullptr) gm[j] += gcol[j] * value;
+      }
+      if (gimg != nullptr) {
+        const scalar_t v = gcol[j] * scale;
+        for (int corner = 0; corner < kCorners; ++corner) gimg[jdx[corner]] += jw[corner] * v;
+      }
+      if (go != nullptr) {
+        const scalar_t* jdw = dw + j * N * kCorners;
+        const scalar_t v = gcol[j] * scale;
+        for (int d = 0; d < N; ++d) {
+          scalar_t slope = 0;
+          for (int corner = 0; corner < kCorners; ++corner) slope += jdw[d * kCorners + corner] * src[jdx[corner]];
+          go[d * stride + j] += v * slope;
         }
       }
     }
-  });
-}
+  }
+};
 
 template <int N, typename scalar_t, typename index_t>
-void coordinate_grad_impl(const Geometry& g, const at::Tensor& image, const at::Tensor& offset,
-                          const at::Tensor& mask, const at::Tensor& columns, int64_t first, int64_t count,
-                          at::Tensor& grad_offset, at::Tensor& grad_mask) {
-  constexpr int kCorners = Corners<N>::kCount;
-  constexpr int64_t kBlock = 64;
-  const bool need_offset = grad_offset.defined();
-  const SamplingTable<N, scalar_t, index_t> table(g, offset, first, count, need_offset);
-  const ChannelGroups groups(g);
-  const int64_t K = g.kernel_points(), points = g.grid_points(), image_points = g.image_points();
-  const scalar_t* img = image.data_ptr<scalar_t>();
-  const scalar_t* msk = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* cols = columns.data_ptr<scalar_t>();
-  scalar_t* goff = need_offset ? grad_offset.data_ptr<scalar_t>() : nullptr;
-  scalar_t* gmsk = grad_mask.defined() ? grad_mask.data_ptr<scalar_t>() : nullptr;
-  const int64_t blocks = (count + kBlock - 1) / kBlock;
-  // A work item owns one kernel point and a block of grid points, for every group: the sums over
-  // channels that land in one gradient element are all made by the same item, in a fixed order.
-  at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t k = item / blocks;
-      const int64_t j0 = (item % blocks) * kBlock, j1 = std::min(count, j0 + kBlock);
-      for (int64_t c = 0; c < g.channels; ++c) {
-        const int64_t og = c / groups.per_offset_group, mg = c / groups.per_mask_group;
-        const int64_t e0 = table.entry(og, k, 0);
-        const index_t* idx = &table.index[e0 * kCorners];
-        const scalar_t* w = &table.weight[e0 * kCorners];
-        const scalar_t* dw = need_offset ? &table.weight_grad[e0 * N * kCorners] : nullptr;
-        const scalar_t* src = img + c * image_points;
-        const scalar_t* col = cols + (c * K + k) * count;
-        const scalar_t* m = msk != nullptr ? msk + (mg * K + k) * points + first : nullptr;
-        scalar_t* go = need_offset ? goff + (og * K + k) * N * points + first : nullptr;
-        scalar_t* gm = gmsk != nullptr ? gmsk + (mg * K + k) * points + first : nullptr;
-        for (int64_t j = j0; j < j1; ++j) {
-          scalar_t value = 0, slope[N] = {};
-          for (int corner = 0; corner < kCorners; ++corner) {
-            const scalar_t v = src[idx[j * kCorners + corner]];
-            value += w[j * kCorners + corner] * v;
-            if (need_offset) {
-              for (int d = 0; d < N; ++d) slope[d] += dw[(j * N + d) * kCorners + corner] * v;
-            }
-          }
-          if (gm != nullptr) gm[j] += col[j] * value;
-          if (need_offset) {
-            const scalar_t scale = m != nullptr ? col[j] * m[j] : col[j];
-            for (int d = 0; d < N; ++d) go[d * points + j] += scale * slope[d];
-          }
-        }
+void sample_impl(SamplePass& pass) {
+  const Geometry& g = pass.geometry;
+  const bool coordinates = pass.grad_offset.defined() || pass.grad_mask.defined();
+  const SamplingTable<N, scalar_t, index_t> table(g, pass.offset, pass.first, pass.count,
+                                                  pass.grad_offset.defined());
+  const int64_t K = g.kernel_points(), count = pass.count, points = g.grid_points();
+  const SampleSweep<N, scalar_t, index_t> sweep{g,
+                                                table,
+                                                ChannelGroups(g),
+                                                K,
+                                                points,
+                                                g.image_points(),
+                                                pass.first,
+                                                count,
+                                                data_or_null<scalar_t>(pass.image),
+                                                data_or_null<scalar_t>(pass.mask),
+                                                data_or_null<scalar_t>(pass.grad_columns),
+                                                data_or_null<scalar_t>(pass.columns),
+                                                data_or_null<scalar_t>(pass.grad_image)};
+  const int64_t rows = g.channels * K;
+  if (!coordinates && !pass.grad_image.defined()) {
+    // im2col only: every (channel, kernel point, block of grid points) is independent.
+    constexpr int64_t kBlock = 256;
+    const int64_t blocks = (count + kBlock - 1) / kBlock;
+    at::parallel_for(0, rows * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t row = item / blocks, j0 = (item % blocks) * kBlock;
+        sweep.run(row / K, row % K, j0, std::min(count, j0 + kBlock), nullptr, 0, nullptr, 0, 0);
+      }
+    });
+    return;
+  }
+  if (!coordinates) {
+    // col2im (and maybe im2col): channels scatter into disjoint planes of the image.
+    at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin * K; row < end * K; ++row) sweep.run(row / K, row % K, 0, count, nullptr, 0, nullptr, 0, 0);
+    });
+    return;
+  }
+  // Coordinate gradients sum over the channels of a group. Channels are split into one contiguous
+  // part per thread; each part sums into its own buffer, and the buffers are added in part order,
+  // so the result does not depend on scheduling.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(g.channels, at::get_num_threads()));
+  const ChannelGroups& groups = sweep.groups;
+  const int64_t offset_rows = K * N, mask_rows = K;
+  struct Part {
+    int64_t c0, c1, og0, og1, mg0, mg1;
+    std::vector<scalar_t> grad_offset, grad_mask;
+  };
+  std::vector<Part> part(parts);
+  for (int64_t i = 0; i < parts; ++i) {
+    Part& q = part[i];
+    q.c0 = g.channels * i / parts;
+    q.c1 = g.channels * (i + 1) / parts;
+    q.og0 = q.c0 / groups.per_offset_group;
+    q.og1 = q.c1 > q.c0 ? (q.c1 - 1) / groups.per_offset_group + 1 : q.og0;
+    q.mg0 = q.c0 / groups.per_mask_group;
+    q.mg1 = q.c1 > q.c0 ? (q.c1 - 1) / groups.per_mask_group + 1 : q.mg0;
+  }
+  const bool need_offset = pass.grad_offset.defined(), need_mask = pass.grad_mask.defined();
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      Part& q = part[i];
+      if (need_offset) q.grad_offset.assign((q.og1 - q.og0) * offset_rows * count, scalar_t(0));
+      if (need_mask) q.grad_mask.assign((q.mg1 - q.mg0) * mask_rows * count, scalar_t(0));
+      for (int64_t row = q.c0 * K; row < q.c1 * K; ++row) {
+        sweep.run(row / K, row % K, 0, count, need_offset ? q.grad_offset.data() : nullptr, q.og0,
+                  need_mask ? q.grad_mask.data() : nullptr, q.mg0, count);
       }
     }
   });
+  auto reduce = [&](const at::Tensor& out, int64_t rows_per_group, auto group_range, auto buffer) {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t total_rows = out.size(0);
+    at::parallel_for(0, total_rows, 16, [&](int64_t begin, int64_t end) {
+      for (const Part& q : part) {
+        const auto [g0, g1] = group_range(q);
+        const int64_t r0 = std::max(begin, g0 * rows_per_group), r1 = std::min(end, g1 * rows_per_group);
+        const std::vector<scalar_t>& src = buffer(q);
+        for (int64_t r = r0; r < r1; ++r) {
+          scalar_t* d = dst + r * points + pass.first;
+          const scalar_t* s = src.data() + (r - g0 * rows_per_group) * count;
+          for (int64_t j = 0; j < count; ++j) d[j] += s[j];
+        }
+      }
+    });
+  };
+  if (need_offset) {
+    reduce(pass.grad_offset, offset_rows, [](const Part& q) { return std::pair(q.og0, q.og1); },
+           [](const Part& q) -> const std::vector<scalar_t>& { return q.grad_offset; });
+  }
+  if (need_mask) {
+    reduce(pass.grad_mask, mask_rows, [](const Part& q) { return std::pair(q.mg0, q.mg1); },
+           [](const Part& q) -> const std::vector<scalar_t>& { return q.grad_mask; });
+  }
 }
 
-// Calls f<N, scalar_t, index_t>() for the geometry's dims, the dtype and an index type wide
-// enough for the image (32-bit where every corner index fits).
+// Calls Impl<N, scalar_t, index_t>::run(args...) for the geometry's dims, the dtype and an index
+// type wide enough for the image (32-bit where every corner index fits).
 template <template <int, typename, typename> class Impl, typename... Args>
 void dispatch(const Geometry& g, at::ScalarType dtype, Args&&... args) {
   const bool wide = g.image_points() > std::numeric_limits<int32_t>::max();
@@ -195,9 +237,9 @@ void dispatch(const Geometry& g, at::ScalarType dtype, Args&&... args) {
     auto run = [&](auto dims) {
       constexpr int N = decltype(dims)::value;
       if (wide) {
-        Impl<N, scalar_t, int64_t>::run(g, std::forward<Args>(args)...);
+        Impl<N, scalar_t, int64_t>::run(std::forward<Args>(args)...);
       } else {
-        Impl<N, scalar_t, int32_t>::run(g, std::forward<Args>(args)...);
+        Impl<N, scalar_t, int32_t>::run(std::forward<Args>(args)...);
       }
     };
     switch (g.dims) {
@@ -210,38 +252,19 @@ void dispatch(const Geometry& g, at::ScalarType dtype, Args&&... args) {
 }
 
 template <int N, typename S, typename I>
-struct Im2col {
-  template <typename... A>
-  static void run(A&&... a) { im2col_impl<N, S, I>(std::forward<A>(a)...); }
+struct Sample {
+  static void run(SamplePass& pass) { sample_impl<N, S, I>(pass); }
 };
-template <int N, typename S, typename I>
-struct Col2im {
-  template <typename... A>
-  static void run(A&&... a) { col2im_impl<N, S, I>(std::forward<A>(a)...); }
-};
-template <int N, typename S, typename I>
-struct CoordinateGrad {
-  template <typename... A>
-  static void run(A&&... a) { coordinate_grad_impl<N, S, I>(std::forward<A>(a)...); }
-};
+
+at::ScalarType dtype_of(const SamplePass& pass) {
+  return (pass.image.defined() ? pass.image : pass.grad_columns).scalar_type();
+}
 
 const SamplingKernels& cpu_kernels() {
   static const SamplingKernels kernels{
       // Half types are sampled and multiplied in float32 on the CPU.
       [](at::ScalarType dtype) { return at::isReducedFloatingType(dtype) ? at::kFloat : dtype; },
-      [](const Geometry& g, const at::Tensor& image, const at::Tensor& offset, const at::Tensor& mask,
-         int64_t first, int64_t count, at::Tensor& columns) {
-        dispatch<Im2col>(g, image.scalar_type(), image, offset, mask, first, count, columns);
-      },
-      [](const Geometry& g, const at::Tensor& columns, const at::Tensor& offset, const at::Tensor& mask,
-         int64_t first, int64_t count, at::Tensor& image) {
-        dispatch<Col2im>(g, image.scalar_type(), columns, offset, mask, first, count, image);
-      },
-      [](const Geometry& g, const at::Tensor& image, const at::Tensor& offset, const at::Tensor& mask,
-         const at::Tensor& columns, int64_t first, int64_t count, at::Tensor& grad_offset, at::Tensor& grad_mask) {
-        dispatch<CoordinateGrad>(g, image.scalar_type(), image, offset, mask, columns, first, count, grad_offset,
-                                 grad_mask);
-      },
+      [](SamplePass& pass) { dispatch<Sample>(pass.geometry, dtype_of(pass), pass); },
   };
   return kernels;
 }

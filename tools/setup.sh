@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what dcn_plugin needs and builds its compiled ops in place (editable install).
+#
+# Keeps a torch that is already installed (the extension is built against it); installs
+# torch==2.13.0 only when there is none. Never lets pip choose a torch: a range or build isolation
+# would download a CUDA build of several GB and break the ABI of the extension.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! python -c "import torch" >/dev/null 2>&1; then
+  python -m pip install -q "torch==${DCN_TORCH_VERSION:-2.13.0}"
+fi
+python -m pip install -q "setuptools>=64" wheel ninja numpy pytest hypothesis ruff
+MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation --no-deps -e .
+python -c "import dcn_plugin; assert dcn_plugin.has_ops(); print('dcn_plugin', dcn_plugin.__version__, \
+'built against torch', __import__('torch').__version__, '| CUDA kernels:', dcn_plugin.with_cuda())"
