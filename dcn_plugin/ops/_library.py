@@ -45,7 +45,7 @@ def require_ops() -> None:
     if _C is None:
         raise RuntimeError(
             "dcn_plugin's compiled ops are not available; rebuild them with "
-            "`pip install --no-build-isolation -e .` (import error: %r)" % (_LOAD_ERROR,)
+            f"`pip install --no-build-isolation -e .` (import error: {_LOAD_ERROR!r})"
         )
 
 
@@ -112,9 +112,9 @@ if _C is not None:
                 grad_like(offset, output_mask[2]), grad_like(mask, output_mask[3]))
 
     def _setup_context(ctx, inputs, output):
-        input, weight, offset, mask, bias, stride, padding, dilation, transposed, output_padding, groups = inputs
+        input, weight, offset, mask, bias = inputs[:5]
         ctx.save_for_backward(input, weight, offset, mask)
-        ctx.params = (stride, padding, dilation, transposed, output_padding, groups)
+        ctx.params = inputs[5:]  # stride, padding, dilation, transposed, output_padding, groups
         ctx.has_bias = bias is not None
 
     def _backward(ctx, grad_output):
