@@ -34,8 +34,9 @@ def _extension():
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp" if os.name != "nt" else "/openmp"]
     define_macros = []
-    if _want_cuda():
-        sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    if cuda_sources and _want_cuda():
+        sources += cuda_sources
         define_macros.append(("DCN_WITH_CUDA", None))
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension(
