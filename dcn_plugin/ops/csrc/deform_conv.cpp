@@ -310,11 +310,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   const at::Tensor& image_source = transposed ? grad_output : input;
   const at::Tensor& dense_source = transposed ? input : grad_output;
 
-  const auto empty = input.new_empty({0});
-  at::Tensor grad_input = need_input ? at::empty_like(input) : empty;
-  at::Tensor grad_weight = need_weight ? at::zeros({groups, grid_per_group, rows_per_group}, column_options) : empty;
-  at::Tensor grad_offset = need_offset ? at::zeros(offset->sizes(), column_options) : empty;
-  at::Tensor grad_mask = need_mask ? at::zeros(mask->sizes(), column_options) : empty;
+  // Gradients that are not asked for come back as empty tensors (distinct ones: outputs never alias).
+  at::Tensor grad_input = need_input ? at::empty_like(input) : input.new_empty({0});
+  at::Tensor grad_weight =
+      need_weight ? at::zeros({groups, grid_per_group, rows_per_group}, column_options) : input.new_empty({0});
+  at::Tensor grad_offset = need_offset ? at::zeros(offset->sizes(), column_options) : input.new_empty({0});
+  at::Tensor grad_mask = need_mask ? at::zeros(mask->sizes(), column_options) : input.new_empty({0});
+  if (!(need_input || need_weight || need_offset || need_mask)) return {grad_input, grad_weight, grad_offset, grad_mask};
 
   const int64_t chunk = chunk_points(p, column_dtype, int64_t(need_columns) + int64_t(need_grad_columns));
   const int64_t buffer_size = image_rows * std::min(chunk, points);
