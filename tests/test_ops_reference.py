@@ -309,3 +309,22 @@ def test_transpose_reference_signature():
     t = make_tensors(case)
     out = deform_conv_transpose_reference(t["input"], t["weight"], None, None, None, 2, 1, 2, 3)
     assert out.shape[-1] == (3 - 1) * 2 - 2 + 3 * (2 - 1) + 2 + 1
+
+
+@pytest.mark.parametrize("n, transposed", DIMS_TRANSPOSED, ids=IDS)
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no-mask"])
+def test_depthwise_against_reference(device, n, transposed, masked):
+    """groups == channels on both sides takes the depthwise path (no column matrix): same answers,
+    forward and every gradient, with offset groups and mask groups of their own."""
+    case = Case.build(n, transposed=transposed, batch=2, in_channels=4, out_channels=4,
+                      in_size=(7, 5, 4)[n - 1], kernel=(3, 2, 3)[:n], stride=(1, 2, 1)[:n], padding=1,
+                      groups=4, offset_groups=2, mask_groups=4 if masked else 0)
+    check_against_reference(case, device)
+    check_against_reference(dataclasses.replace(case, offset_groups=0), device, seed=1)
+
+
+def test_depthwise_chunked_against_reference(tiny_workspace):
+    case = Case.build(2, batch=2, in_channels=3, out_channels=3, in_size=6, kernel=3, padding=1, groups=3,
+                      offset_groups=3, mask_groups=1)
+    check_against_reference(case, "cpu")
+    check_against_reference(dataclasses.replace(case, transposed=True), "cpu", seed=2)

@@ -201,6 +201,11 @@ int64_t chunk_points(const Problem& p, at::ScalarType column_dtype, int64_t colu
   return std::max<int64_t>(1, std::min<int64_t>(g.grid_points(), workspace_limit() / std::max<int64_t>(per_point, 1)));
 }
 
+// One channel per group on both sides: depthwise convolution.
+bool is_depthwise(const Problem& p) {
+  return p.groups > 1 && p.image_channels == p.groups && p.grid_channels == p.groups;
+}
+
 at::Tensor per_image(const std::optional<at::Tensor>& t, int64_t b, at::ScalarType dtype, int64_t points) {
   if (!t) return at::Tensor();
   return (*t)[b].to(dtype).contiguous().view({-1, points});
@@ -228,14 +233,32 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
   const int64_t rows_per_group = image_rows / groups;
   const int64_t grid_per_group = p.grid_channels / groups;
   const at::Tensor w = weight.to(column_dtype).contiguous().view({groups, grid_per_group, rows_per_group});
-  const int64_t chunk = chunk_points(p, column_dtype, 1);
-  at::Tensor buffer = at::empty({image_rows * std::min(chunk, points)}, column_options);
+  const bool depthwise = is_depthwise(p);
+  const int64_t chunk = chunk_points(p, column_dtype, depthwise ? 0 : 1);
+  at::Tensor buffer = depthwise ? at::Tensor() : at::empty({image_rows * std::min(chunk, points)}, column_options);
 
   for (int64_t b = 0; b < p.batch; ++b) {
     SamplePass pass{g};
     pass.offset = per_image(offset, b, column_dtype, points);
     pass.mask = per_image(mask, b, column_dtype, points);
-    if (!transposed) {
+    if (depthwise) {
+      pass.depthwise_weight = w.view({groups, -1});
+      at::Tensor out_b = out[b].view({groups, -1});
+      at::Tensor dense_out = same_dtype ? out_b.zero_() : at::zeros(out_b.sizes(), column_options);
+      if (!transposed) {
+        pass.image = input[b].to(column_dtype);
+        pass.dense_out = dense_out.view({groups, points});
+      } else {
+        pass.dense = input[b].to(column_dtype).view({groups, points});
+        pass.grad_image = dense_out.view(p.image_shape);
+      }
+      for (int64_t first = 0; first < points; first += chunk) {
+        pass.first = first;
+        pass.count = std::min(chunk, points - first);
+        kernels.sample(pass);
+      }
+      if (!same_dtype) out_b.copy_(dense_out);
+    } else if (!transposed) {
       // out = W @ im2col(input)
       pass.image = input[b].to(column_dtype);
       at::Tensor out_b = out[b].view({groups, grid_per_group, points});
@@ -318,10 +341,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   at::Tensor grad_mask = need_mask ? at::zeros(mask->sizes(), column_options) : input.new_empty({0});
   if (!(need_input || need_weight || need_offset || need_mask)) return {grad_input, grad_weight, grad_offset, grad_mask};
 
-  const int64_t chunk = chunk_points(p, column_dtype, int64_t(need_columns) + int64_t(need_grad_columns));
+  // Depthwise: the pass contracts columns with the weight itself (see SamplePass).
+  const bool depthwise = is_depthwise(p);
+  const bool materialise_columns = need_columns && !depthwise;
+  const bool materialise_grad_columns = need_grad_columns && !depthwise;
+  const int64_t chunk =
+      chunk_points(p, column_dtype, int64_t(materialise_columns) + int64_t(materialise_grad_columns));
   const int64_t buffer_size = image_rows * std::min(chunk, points);
-  at::Tensor column_buffer = need_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
-  at::Tensor grad_column_buffer = need_grad_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
+  at::Tensor column_buffer = materialise_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
+  at::Tensor grad_column_buffer =
+      materialise_grad_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
 
   for (int64_t b = 0; b < p.batch; ++b) {
     SamplePass pass{g};
@@ -337,7 +366,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
                        .view({groups, grid_per_group, points});
     }
     const at::Tensor dense = dense_source[b].to(column_dtype).view({groups, grid_per_group, points});
-    for (int64_t first = 0; first < points; first += chunk) {
+    if (depthwise) {
+      pass.depthwise_weight = w.view({groups, -1});
+      if (need_grad_columns || need_weight) pass.dense = dense.view({groups, points});
+      if (need_weight) pass.grad_depthwise_weight = grad_weight.view({groups, -1});
+      if (need_input && transposed) pass.dense_out = grad_dense.view({groups, points}).zero_();
+      for (int64_t first = 0; first < points; first += chunk) {
+        pass.first = first;
+        pass.count = std::min(chunk, points - first);
+        kernels.sample(pass);
+      }
+    }
+    for (int64_t first = 0; first < points && !depthwise; first += chunk) {
       const int64_t count = std::min(chunk, points - first);
       const at::Tensor dense_chunk = dense.narrow(2, first, count);
       pass.first = first;

@@ -52,11 +52,19 @@ struct Geometry {
 //   grad_image  += sampling's adjoint applied to grad_columns        (col2im), accumulated
 //   grad_offset += d loss / d offset, grad_mask += d loss / d mask, for the given grad_columns,
 //                  in columns [first, first + count) of (rows, L) tensors
+//
+// Depthwise convolution (one channel per group on both sides) has no matrix product to amortise
+// the columns over, so the pass contracts them with the weight itself instead of materialising
+// them. Then, with (C_image, L) tensors `dense` and `dense_out` and a (C_image, K) weight:
+//   grad_columns[c * K + k, j] is taken as depthwise_weight[c, k] * dense[c, first + j]
+//   dense_out[c, first + j]          += sum_k depthwise_weight[c, k] * columns[c * K + k, j]
+//   grad_depthwise_weight[c, k]      += sum_j dense[c, first + j] * columns[c * K + k, j]
 struct SamplePass {
   const Geometry& geometry;
   at::Tensor image, offset, mask, grad_columns;
   int64_t first = 0, count = 0;
   at::Tensor columns, grad_image, grad_offset, grad_mask;
+  at::Tensor depthwise_weight, dense, dense_out, grad_depthwise_weight;
 };
 
 struct SamplingKernels {

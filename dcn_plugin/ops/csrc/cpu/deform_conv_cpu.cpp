@@ -77,56 +77,101 @@ scalar_t* data_or_null(const at::Tensor& t) {
 template <int N, typename scalar_t, typename index_t>
 struct SampleSweep {
   static constexpr int kCorners = Corners<N>::kCount;
-  const Geometry& g;
   const SamplingTable<N, scalar_t, index_t>& table;
   ChannelGroups groups;
   int64_t K, points, image_points, first, count;
   const scalar_t *image, *mask, *grad_columns;
   scalar_t *columns, *grad_image;
+  // Depthwise contraction (see SamplePass); null otherwise.
+  const scalar_t *depthwise_weight, *dense;
+  scalar_t *dense_out, *grad_depthwise_weight;
 
-  // Sweeps channel c, kernel point k, grid points [j0, j1). Coordinate gradients, when wanted,
-  // are accumulated into `grad_offset` (rows (og - og0) * K * N + k * N + d) and `grad_mask`
-  // (rows (mg - mg0) * K + k), each row `stride` long, with j as column.
+  // Sweeps channel c for kernel point k over grid points [j0, j1), with the channel's image plane
+  // in cache (a channel-inner order would reuse table entries but thrash the planes). Coordinate
+  // gradients, when wanted, are accumulated into `grad_offset` (rows (og - og0) * K * N + k * N + d)
+  // and `grad_mask` (rows (mg - mg0) * K + k), each row `stride` long, with j as column.
+  // The common cases (forward im2col, depthwise forward, col2im) get loops of their own.
   void run(int64_t c, int64_t k, int64_t j0, int64_t j1, scalar_t* grad_offset, int64_t og0, scalar_t* grad_mask,
            int64_t mg0, int64_t stride) const {
     const int64_t og = c / groups.per_offset_group, mg = c / groups.per_mask_group;
     const int64_t e0 = table.entry(og, k, 0);
-    const index_t* idx = &table.index[e0 * kCorners];
-    const scalar_t* w = &table.weight[e0 * kCorners];
-    const scalar_t* dw = grad_offset != nullptr ? &table.weight_grad[e0 * N * kCorners] : nullptr;
+    const index_t* __restrict idx = &table.index[e0 * kCorners];
+    const scalar_t* __restrict w = &table.weight[e0 * kCorners];
     const int64_t row = c * K + k;
-    const scalar_t* src = image != nullptr ? image + c * image_points : nullptr;
-    const scalar_t* m = mask != nullptr ? mask + (mg * K + k) * points + first : nullptr;
-    const scalar_t* gcol = grad_columns != nullptr ? grad_columns + row * count : nullptr;
-    scalar_t* col = columns != nullptr ? columns + row * count : nullptr;
-    scalar_t* gimg = grad_image != nullptr ? grad_image + c * image_points : nullptr;
-    scalar_t* go = grad_offset != nullptr ? grad_offset + ((og - og0) * K + k) * N * stride : nullptr;
-    scalar_t* gm = grad_mask != nullptr ? grad_mask + ((mg - mg0) * K + k) * stride : nullptr;
-    const bool need_value = col != nullptr || gm != nullptr;
-    for (int64_t j = j0; j < j1; ++j) {
-      const index_t* jdx = idx + j * kCorners;
-      const scalar_t* jw = w + j * kCorners;
-      const scalar_t scale = m != nullptr ? m[j] : scalar_t(1);
-      if (need_value) {
-        scalar_t value = 0;
-        for (int corner = 0; corner < kCorners; ++corner) value += jw[corner] * src[jdx[corner]];
-        if (col != nullptr) col[j] = scale * value;
-        if (gm != nullptr) gm[j] += gcol[j] * value;
-      }
-      if (gimg != nullptr) {
-        const scalar_t v = gcol[j] * scale;
-        for (int corner = 0; corner < kCorners; ++corner) gimg[jdx[corner]] += jw[corner] * v;
-      }
-      if (go != nullptr) {
-        const scalar_t* jdw = dw + j * N * kCorners;
-        const scalar_t v = gcol[j] * scale;
-        for (int d = 0; d < N; ++d) {
-          scalar_t slope = 0;
-          for (int corner = 0; corner < kCorners; ++corner) slope += jdw[d * kCorners + corner] * src[jdx[corner]];
-          go[d * stride + j] += v * slope;
+    const scalar_t* __restrict src = image != nullptr ? image + c * image_points : nullptr;
+    const scalar_t* __restrict m = mask != nullptr ? mask + (mg * K + k) * points + first : nullptr;
+    const scalar_t* __restrict gcol = grad_columns != nullptr ? grad_columns + row * count : nullptr;
+    scalar_t* __restrict col = columns != nullptr ? columns + row * count : nullptr;
+    scalar_t* __restrict gimg = grad_image != nullptr ? grad_image + c * image_points : nullptr;
+    const scalar_t* __restrict dd = dense != nullptr ? dense + c * points + first : nullptr;
+    scalar_t* __restrict dout = dense_out != nullptr ? dense_out + c * points + first : nullptr;
+    const scalar_t weight_ck = depthwise_weight != nullptr ? depthwise_weight[row] : scalar_t(0);
+    const bool coordinates = grad_offset != nullptr || grad_mask != nullptr;
+
+    auto sample = [&](int64_t j) {
+      scalar_t value = 0;
+      for (int corner = 0; corner < kCorners; ++corner) value += w[j * kCorners + corner] * src[idx[j * kCorners + corner]];
+      return value;
+    };
+    auto scatter = [&](int64_t j, scalar_t v) {
+      for (int corner = 0; corner < kCorners; ++corner) gimg[idx[j * kCorners + corner]] += w[j * kCorners + corner] * v;
+    };
+    if (!coordinates && grad_depthwise_weight == nullptr) {
+      if (col != nullptr && gimg == nullptr && dout == nullptr) {  // im2col
+        if (m != nullptr) {
+          for (int64_t j = j0; j < j1; ++j) col[j] = m[j] * sample(j);
+        } else {
+          for (int64_t j = j0; j < j1; ++j) col[j] = sample(j);
         }
+        return;
+      }
+      if (dout != nullptr && col == nullptr && gimg == nullptr) {  // depthwise forward
+        for (int64_t j = j0; j < j1; ++j) dout[j] += (m != nullptr ? weight_ck * m[j] : weight_ck) * sample(j);
+        return;
+      }
+      if (gimg != nullptr && col == nullptr && dout == nullptr) {  // col2im
+        for (int64_t j = j0; j < j1; ++j) {
+          const scalar_t g = gcol != nullptr ? gcol[j] : weight_ck * dd[j];
+          scatter(j, m != nullptr ? g * m[j] : g);
+        }
+        return;
       }
     }
+
+    // Everything else: one sweep computing what the backward asks for.
+    const scalar_t* __restrict dw = grad_offset != nullptr ? &table.weight_grad[e0 * N * kCorners] : nullptr;
+    scalar_t* __restrict go = grad_offset != nullptr ? grad_offset + ((og - og0) * K + k) * N * stride : nullptr;
+    scalar_t* __restrict gm = grad_mask != nullptr ? grad_mask + ((mg - mg0) * K + k) * stride : nullptr;
+    const bool need_value = col != nullptr || gm != nullptr || dout != nullptr || grad_depthwise_weight != nullptr;
+    const bool need_grad = gimg != nullptr || coordinates;
+    scalar_t weight_grad = 0;
+    for (int64_t j = j0; j < j1; ++j) {
+      const scalar_t scale = m != nullptr ? m[j] : scalar_t(1);
+      // The sampled value and its slope along each dim, from one gather of the corners.
+      scalar_t value = 0, slope[N] = {};
+      if (go != nullptr) {
+        for (int corner = 0; corner < kCorners; ++corner) {
+          const scalar_t v = src[idx[j * kCorners + corner]];
+          value += w[j * kCorners + corner] * v;
+          for (int d = 0; d < N; ++d) slope[d] += dw[(j * N + d) * kCorners + corner] * v;
+        }
+      } else if (need_value) {
+        value = sample(j);
+      }
+      const scalar_t sampled = scale * value;
+      if (col != nullptr) col[j] = sampled;
+      if (dout != nullptr) dout[j] += weight_ck * sampled;
+      if (grad_depthwise_weight != nullptr) weight_grad += dd[j] * sampled;
+      if (!need_grad) continue;
+      const scalar_t g = gcol != nullptr ? gcol[j] : weight_ck * dd[j];
+      if (gm != nullptr) gm[j] += g * value;
+      const scalar_t v = g * scale;
+      if (gimg != nullptr) scatter(j, v);
+      if (go != nullptr) {
+        for (int d = 0; d < N; ++d) go[d * stride + j] += v * slope[d];
+      }
+    }
+    if (grad_depthwise_weight != nullptr) grad_depthwise_weight[row] += weight_grad;
   }
 };
 
@@ -137,9 +182,9 @@ void sample_impl(SamplePass& pass) {
   const SamplingTable<N, scalar_t, index_t> table(g, pass.offset, pass.first, pass.count,
                                                   pass.grad_offset.defined());
   const int64_t K = g.kernel_points(), count = pass.count, points = g.grid_points();
-  const SampleSweep<N, scalar_t, index_t> sweep{g,
-                                                table,
-                                                ChannelGroups(g),
+  const ChannelGroups groups(g);
+  const SampleSweep<N, scalar_t, index_t> sweep{table,
+                                                groups,
                                                 K,
                                                 points,
                                                 g.image_points(),
@@ -149,32 +194,37 @@ void sample_impl(SamplePass& pass) {
                                                 data_or_null<scalar_t>(pass.mask),
                                                 data_or_null<scalar_t>(pass.grad_columns),
                                                 data_or_null<scalar_t>(pass.columns),
-                                                data_or_null<scalar_t>(pass.grad_image)};
-  const int64_t rows = g.channels * K;
-  if (!coordinates && !pass.grad_image.defined()) {
-    // im2col only: every (channel, kernel point, block of grid points) is independent.
-    constexpr int64_t kBlock = 256;
-    const int64_t blocks = (count + kBlock - 1) / kBlock;
-    at::parallel_for(0, rows * blocks, 1, [&](int64_t begin, int64_t end) {
+                                                data_or_null<scalar_t>(pass.grad_image),
+                                                data_or_null<scalar_t>(pass.depthwise_weight),
+                                                data_or_null<scalar_t>(pass.dense),
+                                                data_or_null<scalar_t>(pass.dense_out),
+                                                data_or_null<scalar_t>(pass.grad_depthwise_weight)};
+  const int64_t C = g.channels;
+  if (!coordinates && !pass.grad_image.defined() && !pass.depthwise_weight.defined()) {
+    // im2col only: every (channel, kernel point, run of grid points) is independent.
+    constexpr int64_t kRun = 256;
+    const int64_t runs = (count + kRun - 1) / kRun;
+    at::parallel_for(0, C * K * runs, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t row = item / blocks, j0 = (item % blocks) * kBlock;
-        sweep.run(row / K, row % K, j0, std::min(count, j0 + kBlock), nullptr, 0, nullptr, 0, 0);
+        const int64_t j0 = (item % runs) * kRun, k = item / runs % K;
+        sweep.run(item / runs / K, k, j0, std::min(count, j0 + kRun), nullptr, 0, nullptr, 0, 0);
       }
     });
     return;
   }
   if (!coordinates) {
-    // col2im (and maybe im2col): channels scatter into disjoint planes of the image.
-    at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin * K; row < end * K; ++row) sweep.run(row / K, row % K, 0, count, nullptr, 0, nullptr, 0, 0);
+    // col2im, depthwise contractions: each channel writes only its own planes and weights.
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t k = 0; k < K; ++k) sweep.run(c, k, 0, count, nullptr, 0, nullptr, 0, 0);
+      }
     });
     return;
   }
   // Coordinate gradients sum over the channels of a group. Channels are split into one contiguous
   // part per thread; each part sums into its own buffer, and the buffers are added in part order,
   // so the result does not depend on scheduling.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(g.channels, at::get_num_threads()));
-  const ChannelGroups& groups = sweep.groups;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(C, at::get_num_threads()));
   const int64_t offset_rows = K * N, mask_rows = K;
   struct Part {
     int64_t c0, c1, og0, og1, mg0, mg1;
@@ -183,12 +233,12 @@ void sample_impl(SamplePass& pass) {
   std::vector<Part> part(parts);
   for (int64_t i = 0; i < parts; ++i) {
     Part& q = part[i];
-    q.c0 = g.channels * i / parts;
-    q.c1 = g.channels * (i + 1) / parts;
+    q.c0 = C * i / parts;
+    q.c1 = C * (i + 1) / parts;
     q.og0 = q.c0 / groups.per_offset_group;
-    q.og1 = q.c1 > q.c0 ? (q.c1 - 1) / groups.per_offset_group + 1 : q.og0;
+    q.og1 = (q.c1 - 1) / groups.per_offset_group + 1;
     q.mg0 = q.c0 / groups.per_mask_group;
-    q.mg1 = q.c1 > q.c0 ? (q.c1 - 1) / groups.per_mask_group + 1 : q.mg0;
+    q.mg1 = (q.c1 - 1) / groups.per_mask_group + 1;
   }
   const bool need_offset = pass.grad_offset.defined(), need_mask = pass.grad_mask.defined();
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
@@ -196,9 +246,11 @@ void sample_impl(SamplePass& pass) {
       Part& q = part[i];
       if (need_offset) q.grad_offset.assign((q.og1 - q.og0) * offset_rows * count, scalar_t(0));
       if (need_mask) q.grad_mask.assign((q.mg1 - q.mg0) * mask_rows * count, scalar_t(0));
-      for (int64_t row = q.c0 * K; row < q.c1 * K; ++row) {
-        sweep.run(row / K, row % K, 0, count, need_offset ? q.grad_offset.data() : nullptr, q.og0,
-                  need_mask ? q.grad_mask.data() : nullptr, q.mg0, count);
+      for (int64_t c = q.c0; c < q.c1; ++c) {
+        for (int64_t k = 0; k < K; ++k) {
+          sweep.run(c, k, 0, count, need_offset ? q.grad_offset.data() : nullptr, q.og0,
+                    need_mask ? q.grad_mask.data() : nullptr, q.mg0, count);
+        }
       }
     }
   });
@@ -257,7 +309,11 @@ struct Sample {
 };
 
 at::ScalarType dtype_of(const SamplePass& pass) {
-  return (pass.image.defined() ? pass.image : pass.grad_columns).scalar_type();
+  for (const at::Tensor* t : {&pass.image, &pass.grad_columns, &pass.dense}) {
+    if (t->defined()) return t->scalar_type();
+  }
+  TORCH_INTERNAL_ASSERT(false, "deform_conv: a sampling pass with no input");
+  return at::kFloat;
 }
 
 const SamplingKernels& cpu_kernels() {
