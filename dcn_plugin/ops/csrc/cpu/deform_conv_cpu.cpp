@@ -178,6 +178,7 @@ struct SampleSweep {
 template <int N, typename scalar_t, typename index_t>
 void sample_impl(SamplePass& pass) {
   const Geometry& g = pass.geometry;
+  if (g.channels == 0) return;  // nothing is sampled (and no channel-to-group division is defined)
   const bool coordinates = pass.grad_offset.defined() || pass.grad_mask.defined();
   const SamplingTable<N, scalar_t, index_t> table(g, pass.offset, pass.first, pass.count,
                                                   pass.grad_offset.defined());
