@@ -1,0 +1,91 @@
+"""Config-facing DCN layers, registered in mmengine's MODELS registries.
+
+Importing this package (or ``custom_imports=dict(imports=['dcn_plugin.models'])``) registers:
+
+- in the ``dcn_plugin`` scope: ``dcn_plugin.DCN``, ``dcn_plugin.DCNv2``, ... (these resolve from
+  any OpenMMLab config even without the import, see ``dcn_plugin.registry``);
+- in mmengine's root registry, the bare names ``DCN``, ``DCNv2``, ``DCNv3``, ``DCN1d``, ``DCN3d``,
+  ``DCNTranspose{1,2,3}d``, so that ``conv_cfg=dict(type='DCN')`` builds these layers through
+  mmcv's ``build_conv_layer`` / ``ConvModule``.
+
+mmcv-full registers ``DCN`` and ``DCNv2`` in the root registry too, and registering a taken name
+raises ``KeyError``. So that the import order does not matter, mmcv-full's ops (``mmcv.ops``) are
+imported first where they can be (with mmcv-lite the import fails and is skipped), and then the
+bare names are taken over deliberately (``force=True``): our layers load mmcv's checkpoints and
+give the same outputs. One log line says which layers serve which names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+from mmengine.logging import print_log
+from mmengine.registry import MODELS as ROOT_MODELS
+
+from ...registry import MODELS
+from .dcn import (
+    DCN,
+    DCN1d,
+    DCN3d,
+    DCNTranspose1d,
+    DCNTranspose2d,
+    DCNTranspose3d,
+    DCNv2,
+    DCNv3,
+    DeformGenerator,
+)
+from .upgrade import register_dcn_upgrade_hook, upgrade_dcn_state_dict
+
+__all__ = [
+    "DCN",
+    "DCNv2",
+    "DCNv3",
+    "DCN1d",
+    "DCN3d",
+    "DCNTranspose1d",
+    "DCNTranspose2d",
+    "DCNTranspose3d",
+    "DeformGenerator",
+    "LAYERS",
+    "upgrade_dcn_state_dict",
+    "register_dcn_upgrade_hook",
+]
+
+#: Registered name -> layer, in the ``dcn_plugin`` scope and as bare names in the root registry.
+LAYERS = {cls.__name__: cls for cls in (DCN, DCNv2, DCNv3, DCN1d, DCN3d, DCNTranspose1d,
+                                        DCNTranspose2d, DCNTranspose3d)}
+
+
+def _import_mmcv_ops() -> None:
+    """Imports mmcv-full's ops, which register 'DCN'/'DCNv2', before we take those names."""
+    if "mmcv.ops" in sys.modules or importlib.util.find_spec("mmcv") is None:
+        return
+    try:
+        importlib.import_module("mmcv.ops")
+    except Exception as exc:  # mmcv-lite (no compiled ops) or a broken mmcv-full
+        print_log(f"dcn_plugin: mmcv.ops not importable ({type(exc).__name__}: {exc})",
+                  logger="current", level=10)
+
+
+def _register() -> None:
+    for name, cls in LAYERS.items():
+        if MODELS.module_dict.get(name) is not cls:
+            MODELS.register_module(name=name, module=cls, force=True)
+    _import_mmcv_ops()
+    taken = []
+    for name, cls in LAYERS.items():
+        existing = ROOT_MODELS.module_dict.get(name)
+        if existing is cls:
+            continue
+        if existing is not None:
+            taken.append(f"{name} (was {existing.__module__}.{existing.__qualname__})")
+        ROOT_MODELS.register_module(name=name, module=cls, force=True)
+    served = ", ".join(LAYERS)
+    note = f"; taken over: {', '.join(taken)}" if taken else ""
+    print_log(f"dcn_plugin: {served} are served by dcn_plugin.models.layers in mmengine's MODELS "
+              f"(bare names and 'dcn_plugin.' scope){note}", logger="current")
+
+
+_register()

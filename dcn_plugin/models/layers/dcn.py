@@ -1,0 +1,244 @@
+"""Config-facing deformable convolution layers, drop-in for mmcv-full's ``DCN`` / ``DCNv2``.
+
+Each layer is one of the op core's ``PackedDeformConv*`` modules (same op, same forward) whose
+offset and mask come from ONE generator, ``conv_offset``, as in mmcv-full, so that mmcv
+checkpoints load unchanged (keys ``weight``, ``bias``, ``conv_offset.weight``,
+``conv_offset.bias``):
+
+- ``conv_offset`` outputs ``deform_groups * N * K`` offset channels (torchvision/mmcv layout:
+  per group and kernel point, the N displacements in (d, h, w) order), followed, when
+  ``modulated``, by ``mask_groups * K`` mask channels. For 2d with ``mask_groups ==
+  deform_groups`` this is exactly mmcv's ``ModulatedDeformConv2dPack`` split
+  (``o1, o2, mask = chunk(out, 3, dim=1); offset = cat((o1, o2), dim=1)``).
+- the generator is zero-initialised and is not an ``nn.Conv{N}d``: initialisers of a parent that
+  target ``layer='Conv2d'`` (mmengine) or ``isinstance(m, nn.Conv2d)`` skip it, so the layer
+  starts as a plain convolution (``DCN``) or ``mask_activation(0) * conv`` (modulated) whatever the
+  parent's ``init_weights`` does; ``init_weights()`` re-zeroes it too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...ops.modules import (
+    PackedDeformConv1d,
+    PackedDeformConv2d,
+    PackedDeformConv3d,
+    PackedDeformConvTranspose1d,
+    PackedDeformConvTranspose2d,
+    PackedDeformConvTranspose3d,
+)
+
+__all__ = [
+    "DeformGenerator",
+    "DCN",
+    "DCNv2",
+    "DCNv3",
+    "DCN1d",
+    "DCN3d",
+    "DCNTranspose1d",
+    "DCNTranspose2d",
+    "DCNTranspose3d",
+]
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class DeformGenerator(nn.Module):
+    """The offset (and mask) generator: a zero-initialised convolution with parameters
+    ``weight (C_out, C_in, *k)`` and ``bias (C_out,)``, the keys of an ``nn.Conv{N}d``.
+
+    Deliberately not an ``nn.Conv{N}d`` subclass, so that a parent's ``Kaiming``/``Xavier``
+    initialisation of every ``Conv2d`` leaves it at zero.
+    """
+
+    def __init__(self, template: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.dim = len(template.kernel_size)
+        self.in_channels = template.in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(template.kernel_size)
+        self.stride = tuple(template.stride)
+        self.padding = template.padding if isinstance(template.padding, str) else tuple(template.padding)
+        self.dilation = tuple(template.dilation)
+        factory = {"device": template.weight.device, "dtype": template.weight.dtype}
+        self.weight = nn.Parameter(torch.zeros(out_channels, self.in_channels, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_channels, **factory))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _CONV_FN[self.dim](input, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}")
+
+
+class _DCNMixin:
+    """What the config-facing layers add to the op core's packed modules."""
+
+    # 2: the generator is the child ``conv_offset``; 1 (mmcv's early layout): it sat beside the
+    # layer as ``<name>_offset``.
+    _version = 2
+
+    def _setup_dcn(self, modulated: bool, mask_activation) -> None:
+        # The core built ``conv_offset`` (an nn.ConvNd with the offset channels) with the right
+        # geometry; replace it by one generator for offset and mask, laid out as mmcv's.
+        template = self.conv_offset
+        k = math.prod(self.kernel_size)
+        self._offset_channels = self.offset_groups * len(self.kernel_size) * k
+        mask_channels = self.mask_groups * k if modulated else 0
+        self.conv_offset = DeformGenerator(template, self._offset_channels + mask_channels)
+        self.modulated = bool(modulated)
+        activation = self._activation(mask_activation, "mask_activation", allow_names=True)
+        self.mask_activation = activation if self.modulated else None
+
+    @property
+    def deform_groups(self) -> int:
+        """mmcv's name for ``offset_groups``."""
+        return self.offset_groups
+
+    def _offset_mask(self, input: Tensor):
+        out = self.conv_offset(input)
+        if not self.modulated:
+            return out, None
+        channel_dim = -(len(self.kernel_size) + 1)
+        offset, mask = out.split([self._offset_channels, out.shape[channel_dim] - self._offset_channels],
+                                 dim=channel_dim)
+        if self.mask_activation is not None:
+            mask = self.mask_activation(mask)
+        return offset, mask
+
+    def init_weights(self) -> None:
+        """Re-zeroes the generator (the layer's own weight and bias are left as they are)."""
+        self._reset_generators()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # mmcv's upgrade of version-1 keys ``<name>_offset.*``. It only fires when the loader hands
+        # this layer the whole state_dict (mmengine's ``load_state_dict``/``load_checkpoint``);
+        # torch's ``Module.load_state_dict`` hands each child only the keys under its prefix, for
+        # which see ``upgrade_dcn_state_dict`` / ``register_dcn_upgrade_hook``.
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and prefix:
+            for suffix in ("weight", "bias"):
+                old, new = f"{prefix[:-1]}_offset.{suffix}", f"{prefix}conv_offset.{suffix}"
+                if new not in state_dict and old in state_dict:
+                    state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.modulated and self.mask_activation is not None:
+            s += f", mask_activation={type(self.mask_activation).__name__}"
+        return s
+
+
+class _DCNConvNd(_DCNMixin):
+    """Arguments as mmcv's ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as ``nn.Conv{N}d``.
+        deform_groups: groups of input channels sharing an offset (mmcv's name).
+        bias: None (default) means mmcv's default: True when modulated (``ModulatedDeformConv2d``),
+            False otherwise (``DeformConv2d``). ``bias=True`` works for every layer.
+        im2col_step: accepted for mmcv compatibility and ignored.
+        mask_groups: groups of input channels sharing a mask; defaults to ``deform_groups``.
+        modulated: generate a mask too (DCNv2/DCNv3).
+        mask_activation: ``'sigmoid'`` (DCNv2), ``'softmax'`` (DCNv3: over the K kernel points of
+            each mask group), None or an ``nn.Module``.
+        padding_mode, device, dtype: as ``nn.Conv{N}d`` (only ``padding_mode='zeros'``).
+    """
+
+    _default_modulated = False
+    _default_mask_activation = "sigmoid"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, deform_groups: int = 1, bias: Optional[bool] = None, im2col_step=None, *,
+                 mask_groups: Optional[int] = None, modulated: Optional[bool] = None,
+                 mask_activation="default", padding_mode: str = "zeros", device=None, dtype=None) -> None:
+        modulated = self._default_modulated if modulated is None else bool(modulated)
+        if isinstance(mask_activation, str) and mask_activation == "default":
+            mask_activation = self._default_mask_activation
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            modulated if bias is None else bool(bias), padding_mode, device, dtype,
+            offset_groups=deform_groups, mask_groups=deform_groups if mask_groups is None else mask_groups,
+            deformable=True, modulated=False,
+        )
+        self._setup_dcn(modulated, mask_activation)
+
+
+class _DCNTransposeNd(_DCNMixin):
+    """Transposed layers; arguments as :class:`_DCNConvNd` plus keyword ``output_padding``.
+
+    The generator is a pointwise convolution on the input grid (where the transposed op's offset
+    and mask live); ``deform_groups`` and ``mask_groups`` must divide ``out_channels``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, deform_groups: int = 1, bias: Optional[bool] = None, *, output_padding=0,
+                 mask_groups: Optional[int] = None, modulated: bool = False, mask_activation="sigmoid",
+                 padding_mode: str = "zeros", device=None, dtype=None) -> None:
+        modulated = bool(modulated)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, output_padding, groups,
+            modulated if bias is None else bool(bias), dilation, padding_mode, device, dtype,
+            offset_groups=deform_groups, mask_groups=deform_groups if mask_groups is None else mask_groups,
+            deformable=True, modulated=False,
+        )
+        self._setup_dcn(modulated, mask_activation)
+
+
+class DCN(_DCNConvNd, PackedDeformConv2d):
+    """2d deformable convolution with offsets (DCNv1), drop-in for mmcv's ``DeformConv2dPack``.
+
+    ``conv_offset`` outputs ``2 * deform_groups * K`` channels. Unlike mmcv's, ``bias=True`` works.
+    With ``modulated=True`` it is :class:`DCNv2` (except for the bias default).
+    """
+
+
+class DCNv2(DCN):
+    """DCNv2: offsets and a sigmoid mask, drop-in for mmcv's ``ModulatedDeformConv2dPack``.
+
+    ``conv_offset`` outputs ``3 * deform_groups * K`` channels: offset, then mask (mmcv's split).
+    """
+
+    _default_modulated = True
+
+
+class DCNv3(DCN):
+    """DCNv3-style layer: offsets and a mask normalised by a softmax over the K kernel points of
+    each mask group (``mask_activation='softmax'``)."""
+
+    _default_modulated = True
+    _default_mask_activation = "softmax"
+
+
+class DCN1d(_DCNConvNd, PackedDeformConv1d):
+    """1d :class:`DCN`; ``modulated=True`` and ``mask_activation`` give the v2/v3 variants."""
+
+
+class DCN3d(_DCNConvNd, PackedDeformConv3d):
+    """3d :class:`DCN`; ``modulated=True`` and ``mask_activation`` give the v2/v3 variants."""
+
+
+class DCNTranspose1d(_DCNTransposeNd, PackedDeformConvTranspose1d):
+    """1d transposed deformable convolution with its own generator; see :class:`_DCNTransposeNd`."""
+
+
+class DCNTranspose2d(_DCNTransposeNd, PackedDeformConvTranspose2d):
+    """2d transposed deformable convolution with its own generator; see :class:`_DCNTransposeNd`."""
+
+
+class DCNTranspose3d(_DCNTransposeNd, PackedDeformConvTranspose3d):
+    """3d transposed deformable convolution with its own generator; see :class:`_DCNTransposeNd`."""
