@@ -12,7 +12,6 @@ transposed convolution. Here, with ``torch.library``, we register for them:
 from __future__ import annotations
 
 import importlib
-import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -169,7 +168,3 @@ if _C is not None:
     _LIB = torch.library.Library("dcn_plugin", "IMPL")
     for _device_type in ("cpu", "cuda"):
         _register_autocast(_op, _device_type)
-
-
-def prod(values: Sequence[int]) -> int:
-    return math.prod(values)

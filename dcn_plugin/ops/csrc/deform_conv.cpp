@@ -206,6 +206,15 @@ bool is_depthwise(const Problem& p) {
   return p.groups > 1 && p.image_channels == p.groups && p.grid_channels == p.groups;
 }
 
+// Runs the pass over all grid points, `chunk` at a time (the depthwise path, which needs no columns).
+void sample_in_chunks(const SamplingKernels& kernels, SamplePass& pass, int64_t chunk, int64_t points) {
+  for (int64_t first = 0; first < points; first += chunk) {
+    pass.first = first;
+    pass.count = std::min(chunk, points - first);
+    kernels.sample(pass);
+  }
+}
+
 at::Tensor per_image(const std::optional<at::Tensor>& t, int64_t b, at::ScalarType dtype, int64_t points) {
   if (!t) return at::Tensor();
   return (*t)[b].to(dtype).contiguous().view({-1, points});
@@ -252,11 +261,7 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
         pass.dense = input[b].to(column_dtype).view({groups, points});
         pass.grad_image = dense_out.view(p.image_shape);
       }
-      for (int64_t first = 0; first < points; first += chunk) {
-        pass.first = first;
-        pass.count = std::min(chunk, points - first);
-        kernels.sample(pass);
-      }
+      sample_in_chunks(kernels, pass, chunk, points);
       if (!same_dtype) out_b.copy_(dense_out);
     } else if (!transposed) {
       // out = W @ im2col(input)
@@ -371,11 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
       if (need_grad_columns || need_weight) pass.dense = dense.view({groups, points});
       if (need_weight) pass.grad_depthwise_weight = grad_weight.view({groups, -1});
       if (need_input && transposed) pass.dense_out = grad_dense.view({groups, points}).zero_();
-      for (int64_t first = 0; first < points; first += chunk) {
-        pass.first = first;
-        pass.count = std::min(chunk, points - first);
-        kernels.sample(pass);
-      }
+      sample_in_chunks(kernels, pass, chunk, points);
     }
     for (int64_t first = 0; first < points && !depthwise; first += chunk) {
       const int64_t count = std::min(chunk, points - first);

@@ -74,8 +74,8 @@ struct SamplingKernels {
   void (*sample)(SamplePass& pass);
 };
 
-// Bytes of scratch memory one grid point of a column chunk may use (columns plus whatever the
-// device's primitives allocate per grid point); the driver sizes its chunks with it.
+// Bytes of scratch memory one chunk may use (its columns plus the sampling tables the device's
+// pass allocates); the driver sizes its chunks of grid points with it.
 int64_t workspace_limit();
 
 at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor& input, const at::Tensor& weight,

@@ -281,18 +281,26 @@ void sample_impl(SamplePass& pass) {
   }
 }
 
-// Calls Impl<N, scalar_t, index_t>::run(args...) for the geometry's dims, the dtype and an index
-// type wide enough for the image (32-bit where every corner index fits).
-template <template <int, typename, typename> class Impl, typename... Args>
-void dispatch(const Geometry& g, at::ScalarType dtype, Args&&... args) {
+at::ScalarType dtype_of(const SamplePass& pass) {
+  for (const at::Tensor* t : {&pass.image, &pass.grad_columns, &pass.dense}) {
+    if (t->defined()) return t->scalar_type();
+  }
+  TORCH_INTERNAL_ASSERT(false, "deform_conv: a sampling pass with no input");
+  return at::kFloat;
+}
+
+// Runs sample_impl for the pass's dims and dtype, with an index type wide enough for the image
+// (32-bit where every corner index fits).
+void sample_cpu(SamplePass& pass) {
+  const Geometry& g = pass.geometry;
   const bool wide = g.image_points() > std::numeric_limits<int32_t>::max();
-  AT_DISPATCH_FLOATING_TYPES(dtype, "dcn_plugin_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype_of(pass), "dcn_plugin_cpu", [&] {
     auto run = [&](auto dims) {
       constexpr int N = decltype(dims)::value;
       if (wide) {
-        Impl<N, scalar_t, int64_t>::run(std::forward<Args>(args)...);
+        sample_impl<N, scalar_t, int64_t>(pass);
       } else {
-        Impl<N, scalar_t, int32_t>::run(std::forward<Args>(args)...);
+        sample_impl<N, scalar_t, int32_t>(pass);
       }
     };
     switch (g.dims) {
@@ -304,24 +312,11 @@ void dispatch(const Geometry& g, at::ScalarType dtype, Args&&... args) {
   });
 }
 
-template <int N, typename S, typename I>
-struct Sample {
-  static void run(SamplePass& pass) { sample_impl<N, S, I>(pass); }
-};
-
-at::ScalarType dtype_of(const SamplePass& pass) {
-  for (const at::Tensor* t : {&pass.image, &pass.grad_columns, &pass.dense}) {
-    if (t->defined()) return t->scalar_type();
-  }
-  TORCH_INTERNAL_ASSERT(false, "deform_conv: a sampling pass with no input");
-  return at::kFloat;
-}
-
 const SamplingKernels& cpu_kernels() {
   static const SamplingKernels kernels{
       // Half types are sampled and multiplied in float32 on the CPU.
       [](at::ScalarType dtype) { return at::isReducedFloatingType(dtype) ? at::kFloat : dtype; },
-      [](SamplePass& pass) { dispatch<Sample>(pass.geometry, dtype_of(pass), pass); },
+      [](SamplePass& pass) { sample_cpu(pass); },
   };
   return kernels;
 }
