@@ -1,0 +1,104 @@
+"""Box helpers written with torch ops: pairwise IoU, distance decoding, class-aware NMS.
+
+Boxes are ``(..., 4)`` tensors ``x1, y1, x2, y2``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["box_area", "bbox_overlaps", "distance2bbox", "nms", "batched_nms"]
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """(..., 4) -> (...), zero for degenerate boxes."""
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
+def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, mode: str = "iou", is_aligned: bool = False,
+                  eps: float = 1e-6) -> Tensor:
+    """IoU or GIoU between boxes.
+
+    Args:
+        boxes1: (N, 4); boxes2: (M, 4), or (N, 4) when ``is_aligned``.
+        mode: ``'iou'`` or ``'giou'``.
+    Returns:
+        (N, M), or (N,) when ``is_aligned``.
+    """
+    if mode not in ("iou", "giou"):
+        raise ValueError(f"bbox_overlaps: mode must be 'iou' or 'giou', got {mode!r}")
+    if not is_aligned:
+        boxes1, boxes2 = boxes1[:, None, :], boxes2[None, :, :]
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    top_left = torch.maximum(boxes1[..., :2], boxes2[..., :2])
+    bottom_right = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
+    overlap = (bottom_right - top_left).clamp(min=0).prod(-1)
+    union = (area1 + area2 - overlap).clamp(min=eps)
+    iou = overlap / union
+    if mode == "iou":
+        return iou
+    enclose = (torch.maximum(boxes1[..., 2:], boxes2[..., 2:])
+               - torch.minimum(boxes1[..., :2], boxes2[..., :2])).clamp(min=0).prod(-1).clamp(min=eps)
+    return iou - (enclose - union) / enclose
+
+
+def distance2bbox(points: Tensor, distance: Tensor, max_shape: tuple[int, int] | None = None) -> Tensor:
+    """Decodes ``(left, top, right, bottom)`` distances from points (..., 2) into boxes (..., 4).
+
+    ``max_shape`` (h, w) clips the boxes to the image.
+    """
+    x1 = points[..., 0] - distance[..., 0]
+    y1 = points[..., 1] - distance[..., 1]
+    x2 = points[..., 0] + distance[..., 2]
+    y2 = points[..., 1] + distance[..., 3]
+    boxes = torch.stack([x1, y1, x2, y2], -1)
+    if max_shape is not None:
+        h, w = max_shape[:2]
+        boxes = torch.stack([boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
+                             boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)], -1)
+    return boxes
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression.
+
+    Args:
+        boxes: (N, 4); scores: (N,).
+    Returns:
+        int64 indices of the kept boxes, by decreasing score.
+    """
+    order = scores.argsort(descending=True, stable=True)
+    if order.numel() == 0:
+        return order
+    boxes = boxes[order]
+    # Pairwise "i suppresses j" for i ranked above j, then one pass in rank order: a box is kept
+    # when no kept box above it suppresses it. The pass runs on the host, the matrix anywhere.
+    suppresses = (bbox_overlaps(boxes, boxes) > iou_threshold).triu_(diagonal=1).cpu()
+    keep = torch.ones(order.numel(), dtype=torch.bool)
+    for i in range(order.numel()):
+        if keep[i]:
+            keep[i + 1:] &= ~suppresses[i, i + 1:]
+    return order[keep.to(order.device)]
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float,
+                max_num: int = -1) -> tuple[Tensor, Tensor]:
+    """Class-aware NMS: boxes of different labels never suppress each other.
+
+    Args:
+        boxes: (N, 4); scores: (N,); labels: (N,) int.
+        max_num: keep at most this many (all when < 0).
+    Returns:
+        ``(dets, keep)``: dets (K, 5) = kept boxes and scores by decreasing score, keep (K,) their
+        indices into the inputs.
+    """
+    if boxes.numel() == 0:
+        return boxes.new_zeros((0, 5)), labels.new_zeros((0,), dtype=torch.long)
+    # Shift each class into its own disjoint coordinate range, then one class-agnostic NMS.
+    span = boxes.max() - boxes.min() + 1
+    shifted = boxes + (labels.to(boxes) * span)[:, None]
+    keep = nms(shifted, scores, iou_threshold)
+    if max_num >= 0:
+        keep = keep[:max_num]
+    return torch.cat([boxes[keep], scores[keep, None]], -1), keep

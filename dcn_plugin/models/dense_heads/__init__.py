@@ -1,0 +1,5 @@
+"""Detection heads."""
+
+from .fcos_head import FCOSHead
+
+__all__ = ["FCOSHead"]

@@ -1,0 +1,5 @@
+"""Detectors."""
+
+from .single_stage import FCOS, SingleStageDetector
+
+__all__ = ["SingleStageDetector", "FCOS"]
