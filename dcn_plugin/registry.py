@@ -17,8 +17,13 @@ from mmengine.registry import Registry
 __all__ = ["MODELS", "DATASETS", "TRANSFORMS", "METRICS"]
 
 MODELS = Registry("model", parent=MMENGINE_MODELS, scope="dcn_plugin", locations=["dcn_plugin.models"])
-# Add the datasets / transforms / evaluation packages to ``locations`` when they exist: mmengine
-# imports every location on first use and fails on a missing one.
-DATASETS = Registry("dataset", parent=MMENGINE_DATASETS, scope="dcn_plugin", locations=[])
-TRANSFORMS = Registry("transform", parent=MMENGINE_TRANSFORMS, scope="dcn_plugin", locations=[])
-METRICS = Registry("metric", parent=MMENGINE_METRICS, scope="dcn_plugin", locations=[])
+# Transforms live in the datasets package.
+DATASETS = Registry(
+    "dataset", parent=MMENGINE_DATASETS, scope="dcn_plugin", locations=["dcn_plugin.datasets"]
+)
+TRANSFORMS = Registry(
+    "transform", parent=MMENGINE_TRANSFORMS, scope="dcn_plugin", locations=["dcn_plugin.datasets"]
+)
+METRICS = Registry(
+    "metric", parent=MMENGINE_METRICS, scope="dcn_plugin", locations=["dcn_plugin.evaluation"]
+)
