@@ -1,0 +1,17 @@
+# Iteration-based schedule for the quick-start detectors on 2 CPU cores.
+max_iters = 1200
+train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters)
+val_cfg = dict(type="ValLoop")
+test_cfg = dict(type="TestLoop")
+
+param_scheduler = [
+    dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=100),
+    dict(type="CosineAnnealingLR", by_epoch=False, begin=100, end=max_iters, eta_min_ratio=0.01),
+]
+
+optim_wrapper = dict(
+    type="OptimWrapper",
+    optimizer=dict(type="SGD", lr=0.02, momentum=0.9, weight_decay=0.0001),
+    paramwise_cfg=dict(bias_decay_mult=0.0, norm_decay_mult=0.0),
+    clip_grad=dict(max_norm=35, norm_type=2),
+)

@@ -1,0 +1,63 @@
+"""mmengine 0.10 runtime fixes for current torch, used by ``tools/train.py`` and ``tools/test.py``.
+
+``setup_cpu_distributed``: distributed runs on machines without GPUs (torchrun + gloo).
+
+``mmengine_safe_loading``: lets torch >= 2.6 load mmengine checkpoints (``--resume``,
+``load_from``) with safe loading on. Since torch 2.6, ``torch.load`` defaults to
+``weights_only=True``, which refuses the non-tensor objects mmengine 0.10 stores in every
+checkpoint (the message hub's ``HistoryBuffer``, the numpy arrays it holds, and its
+``statistics_methods``, pickled as ``getattr(HistoryBuffer, 'min')``), so resuming fails with
+``UnpicklingError``. Allowlisting exactly these keeps loading restricted: the weights-only
+unpickler still only *calls* allowlisted functions, so ``getattr`` can fetch an attribute but
+never invoke it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["mmengine_checkpoint_globals", "mmengine_safe_loading", "setup_cpu_distributed"]
+
+
+def mmengine_checkpoint_globals() -> list:
+    """The non-tensor globals found in mmengine 0.10 checkpoints."""
+    from mmengine.logging import HistoryBuffer
+
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
+    dtypes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}
+    return [HistoryBuffer, getattr, multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype,
+            *dtypes]
+
+
+@contextlib.contextmanager
+def mmengine_safe_loading() -> Iterator[None]:
+    """Within the block, ``torch.load(weights_only=True)`` accepts mmengine checkpoints."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5: no allowlist (and weights_only defaults to False)
+        yield
+        return
+    with safe_globals(mmengine_checkpoint_globals()):
+        yield
+
+
+def setup_cpu_distributed(cfg, launcher: str) -> None:
+    """Prepares ``cfg`` for a distributed run without CUDA: gloo, and DDP without device ids.
+
+    mmengine's ``init_dist`` calls ``torch.cuda.set_device`` unconditionally, which fails on a
+    CPU-only torch, so for torchrun (``launcher='pytorch'``) the process group is created here;
+    the Runner then finds it initialised and skips its own.
+    """
+    if launcher == "none" or torch.cuda.is_available():
+        return
+    cfg.env_cfg = dict(cfg.get("env_cfg", {}))
+    cfg.env_cfg["dist_cfg"] = dict(backend="gloo")
+    cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None,
+                                 broadcast_buffers=False, find_unused_parameters=False)
+    if launcher == "pytorch" and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="gloo", rank=int(os.environ["RANK"]),
+                                             world_size=int(os.environ["WORLD_SIZE"]))
