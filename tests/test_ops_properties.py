@@ -330,6 +330,21 @@ def test_tiny_workspace_float32_large_batch(device, n, transposed, tiny_workspac
     assert_matches_reference(case, t)
 
 
+@pytest.mark.parametrize("n, transposed", DIMS_TRANSPOSED, ids=IDS)
+def test_any_workspace_budget(device, n, transposed):
+    """From part of an image to all 7 images per chunk (whole images share one column buffer and
+    one matrix product, the last chunk holding fewer), the result is the same."""
+    case = _case(n, transposed, batch=7, in_channels=6, out_channels=4, in_size=(24, 8, 5)[n - 1])
+    t = make_tensors(case, device=device)
+    previous = ops.set_workspace_limit(1 << 12)
+    try:
+        for budget in (1 << 12, 1 << 16, 1 << 18, 1 << 22):
+            ops.set_workspace_limit(budget)
+            assert_matches_reference(case, t)
+    finally:
+        ops.set_workspace_limit(previous)
+
+
 # ------------------------------------------------------------------------------------------------
 # Mask activations.
 

@@ -188,9 +188,16 @@ Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::o
   return p;
 }
 
-// Grid points per chunk so that `column_buffers` column buffers and the primitives' own scratch
-// fit the workspace limit (at least one point).
-int64_t chunk_points(const Problem& p, at::ScalarType column_dtype, int64_t column_buffers) {
+// How the work is cut so that `column_buffers` column buffers and the primitives' own scratch fit
+// the workspace limit: `points` grid points of one image per chunk (at least one), or, where whole
+// images fit, `images` whole images per chunk, whose columns sit side by side so that one matrix
+// product serves them all (small feature maps would otherwise make many tiny products).
+struct Chunks {
+  int64_t points;
+  int64_t images;
+};
+
+Chunks plan_chunks(const Problem& p, at::ScalarType column_dtype, int64_t column_buffers) {
   const Geometry& g = p.geometry;
   const int64_t element = at::elementSize(column_dtype);
   const int64_t groups = std::max<int64_t>({g.offset_groups, g.mask_groups, 1});
@@ -198,7 +205,22 @@ int64_t chunk_points(const Problem& p, at::ScalarType column_dtype, int64_t colu
   // Column rows, plus a sampling table per group and kernel point (index, weight, gradients).
   const int64_t per_point = g.kernel_points() * (column_buffers * g.channels * element +
                                                  groups * corners * (8 + element * (1 + g.dims)));
-  return std::max<int64_t>(1, std::min<int64_t>(g.grid_points(), workspace_limit() / std::max<int64_t>(per_point, 1)));
+  const int64_t capacity = std::max<int64_t>(1, workspace_limit() / std::max<int64_t>(per_point, 1));
+  const int64_t points = g.grid_points();
+  if (points > 0 && capacity >= points) return {points, std::max<int64_t>(1, std::min(p.batch, capacity / points))};
+  return {std::min(capacity, std::max<int64_t>(points, 1)), 1};
+}
+
+// (n, C, L) -> (groups, C / groups, n * L): the grid-side operand of n images side by side.
+at::Tensor images_side_by_side(const at::Tensor& t, int64_t groups) {
+  const int64_t n = t.size(0), c = t.size(1), l = t.size(2);
+  return t.view({n, groups, c / groups, l}).permute({1, 2, 0, 3}).reshape({groups, c / groups, n * l});
+}
+
+// The inverse for a product (groups, C / groups, n * L) written into `out` (n, C, L).
+void copy_images_back(const at::Tensor& product, const at::Tensor& out) {
+  const int64_t n = out.size(0), c = out.size(1), l = out.size(2);
+  out.copy_(product.view({c, n, l}).transpose(0, 1));
 }
 
 // One channel per group on both sides: depthwise convolution.
@@ -243,17 +265,20 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
   const int64_t grid_per_group = p.grid_channels / groups;
   const at::Tensor w = weight.to(column_dtype).contiguous().view({groups, grid_per_group, rows_per_group});
   const bool depthwise = is_depthwise(p);
-  const int64_t chunk = chunk_points(p, column_dtype, depthwise ? 0 : 1);
-  at::Tensor buffer = depthwise ? at::Tensor() : at::empty({image_rows * std::min(chunk, points)}, column_options);
+  const Chunks chunks = plan_chunks(p, column_dtype, depthwise ? 0 : 1);
+  const int64_t chunk = chunks.points;
+  at::Tensor buffer =
+      depthwise ? at::Tensor() : at::empty({image_rows * chunks.images * std::min(chunk, points)}, column_options);
+  // Output, per image, in the column dtype: `out` itself or a buffer copied back at the end.
+  auto dense_output = [&](int64_t b) { return same_dtype ? out[b] : at::empty(out[b].sizes(), column_options); };
 
-  for (int64_t b = 0; b < p.batch; ++b) {
-    SamplePass pass{g};
-    pass.offset = per_image(offset, b, column_dtype, points);
-    pass.mask = per_image(mask, b, column_dtype, points);
-    if (depthwise) {
+  if (depthwise) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      SamplePass pass{g};
+      pass.offset = per_image(offset, b, column_dtype, points);
+      pass.mask = per_image(mask, b, column_dtype, points);
       pass.depthwise_weight = w.view({groups, -1});
-      at::Tensor out_b = out[b].view({groups, -1});
-      at::Tensor dense_out = same_dtype ? out_b.zero_() : at::zeros(out_b.sizes(), column_options);
+      at::Tensor dense_out = dense_output(b).zero_();
       if (!transposed) {
         pass.image = input[b].to(column_dtype);
         pass.dense_out = dense_out.view({groups, points});
@@ -262,39 +287,56 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
         pass.grad_image = dense_out.view(p.image_shape);
       }
       sample_in_chunks(kernels, pass, chunk, points);
-      if (!same_dtype) out_b.copy_(dense_out);
-    } else if (!transposed) {
-      // out = W @ im2col(input)
-      pass.image = input[b].to(column_dtype);
-      at::Tensor out_b = out[b].view({groups, grid_per_group, points});
-      for (int64_t first = 0; first < points; first += chunk) {
-        const int64_t count = std::min(chunk, points - first);
+      if (!same_dtype) out[b].copy_(dense_out);
+    }
+  }
+  for (int64_t b0 = 0; b0 < p.batch && !depthwise; b0 += chunks.images) {
+    const int64_t n = std::min(chunks.images, p.batch - b0);
+    std::vector<SamplePass> passes;
+    passes.reserve(n);
+    std::vector<at::Tensor> scattered(n);  // the transposed op's per-image output (col2im target)
+    for (int64_t i = 0; i < n; ++i) {
+      SamplePass& pass = passes.emplace_back(g);
+      pass.offset = per_image(offset, b0 + i, column_dtype, points);
+      pass.mask = per_image(mask, b0 + i, column_dtype, points);
+      if (!transposed) {
+        pass.image = input[b0 + i].to(column_dtype);
+      } else {
+        scattered[i] = dense_output(b0 + i).zero_();
+        pass.grad_image = scattered[i];
+      }
+    }
+    const at::Tensor out_n = transposed ? at::Tensor() : out.narrow(0, b0, n).view({n, p.grid_channels, points});
+    const at::Tensor input_n = transposed ? input.narrow(0, b0, n).to(column_dtype).view({n, p.grid_channels, points})
+                                          : at::Tensor();
+    for (int64_t first = 0; first < points; first += chunk) {
+      const int64_t count = std::min(chunk, points - first);
+      const int64_t width = n * count;
+      const at::Tensor columns = buffer.narrow(0, 0, image_rows * width).view({image_rows, width});
+      at::Tensor grouped = columns.view({groups, rows_per_group, width});
+      if (transposed) {
+        // out = col2im(W^T @ input)
+        at::bmm_out(grouped, w.transpose(1, 2), images_side_by_side(input_n.narrow(2, first, count), groups));
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        SamplePass& pass = passes[i];
         pass.first = first;
         pass.count = count;
-        pass.columns = buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
+        pass.column_stride = width;
+        (transposed ? pass.grad_columns : pass.columns) = columns.narrow(1, i * count, count);
         kernels.sample(pass);
-        const at::Tensor columns = pass.columns.view({groups, rows_per_group, count});
-        if (same_dtype && count == points) {
-          at::bmm_out(out_b, w, columns);
+      }
+      if (!transposed) {
+        // out = W @ im2col(input)
+        if (n == 1 && same_dtype && count == points) {
+          at::Tensor target = out_n[0].view({groups, grid_per_group, points});
+          at::bmm_out(target, w, grouped);
         } else {
-          out_b.narrow(2, first, count).copy_(at::bmm(w, columns));
+          copy_images_back(at::bmm(w, grouped), out_n.narrow(2, first, count));
         }
       }
-    } else {
-      // out = col2im(W^T @ input)
-      const at::Tensor dense = input[b].to(column_dtype).view({groups, grid_per_group, points});
-      pass.grad_image = same_dtype ? out[b].zero_() : at::zeros(p.image_shape, column_options);
-      for (int64_t first = 0; first < points; first += chunk) {
-        const int64_t count = std::min(chunk, points - first);
-        pass.first = first;
-        pass.count = count;
-        pass.grad_columns = buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
-        at::Tensor grouped = pass.grad_columns.view({groups, rows_per_group, count});
-        at::bmm_out(grouped, w.transpose(1, 2), dense.narrow(2, first, count));
-        kernels.sample(pass);
-      }
-      if (!same_dtype) out[b].copy_(pass.grad_image);
     }
+    for (int64_t i = 0; i < n && transposed && !same_dtype; ++i) out[b0 + i].copy_(scattered[i]);
   }
   if (bias) {
     std::vector<int64_t> bias_shape(out.dim(), 1);
@@ -350,56 +392,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   const bool depthwise = is_depthwise(p);
   const bool materialise_columns = need_columns && !depthwise;
   const bool materialise_grad_columns = need_grad_columns && !depthwise;
-  const int64_t chunk =
-      chunk_points(p, column_dtype, int64_t(materialise_columns) + int64_t(materialise_grad_columns));
-  const int64_t buffer_size = image_rows * std::min(chunk, points);
+  const Chunks chunks =
+      plan_chunks(p, column_dtype, int64_t(materialise_columns) + int64_t(materialise_grad_columns));
+  const int64_t chunk = chunks.points;
+  const int64_t buffer_size = image_rows * chunks.images * std::min(chunk, points);
   at::Tensor column_buffer = materialise_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
   at::Tensor grad_column_buffer =
       materialise_grad_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
+  // d input of the transposed op lives on the grid: W @ im2col(grad_out), in the column dtype.
+  at::Tensor grad_dense;
+  if (need_input && transposed) {
+    grad_dense = same_dtype ? grad_input : at::empty(grad_input.sizes(), column_options);
+  }
 
-  for (int64_t b = 0; b < p.batch; ++b) {
-    SamplePass pass{g};
-    pass.offset = per_image(offset, b, column_dtype, points);
-    pass.mask = per_image(mask, b, column_dtype, points);
-    if (need_columns || need_offset || need_mask) pass.image = image_source[b].to(column_dtype);
-    if (need_offset) pass.grad_offset = grad_offset[b].view({-1, points});
-    if (need_mask) pass.grad_mask = grad_mask[b].view({-1, points});
-    if (scatter_input) pass.grad_image = same_dtype ? grad_input[b].zero_() : at::zeros(p.image_shape, column_options);
-    at::Tensor grad_dense;  // d input of the transposed op, on the grid
-    if (need_input && transposed) {
-      grad_dense = (same_dtype ? grad_input[b] : at::empty(grad_input[b].sizes(), column_options))
-                       .view({groups, grid_per_group, points});
+  for (int64_t b0 = 0; b0 < p.batch; b0 += depthwise ? 1 : chunks.images) {
+    const int64_t n = depthwise ? 1 : std::min(chunks.images, p.batch - b0);
+    std::vector<SamplePass> passes;
+    passes.reserve(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = b0 + i;
+      SamplePass& pass = passes.emplace_back(g);
+      pass.offset = per_image(offset, b, column_dtype, points);
+      pass.mask = per_image(mask, b, column_dtype, points);
+      if (need_columns || need_offset || need_mask) pass.image = image_source[b].to(column_dtype);
+      if (need_offset) pass.grad_offset = grad_offset[b].view({-1, points});
+      if (need_mask) pass.grad_mask = grad_mask[b].view({-1, points});
+      if (scatter_input) pass.grad_image = same_dtype ? grad_input[b].zero_() : at::zeros(p.image_shape, column_options);
     }
-    const at::Tensor dense = dense_source[b].to(column_dtype).view({groups, grid_per_group, points});
+    const at::Tensor dense = dense_source.narrow(0, b0, n).to(column_dtype).view({n, p.grid_channels, points});
     if (depthwise) {
+      SamplePass& pass = passes[0];
       pass.depthwise_weight = w.view({groups, -1});
-      if (need_grad_columns || need_weight) pass.dense = dense.view({groups, points});
+      if (need_grad_columns || need_weight) pass.dense = dense[0].view({groups, points});
       if (need_weight) pass.grad_depthwise_weight = grad_weight.view({groups, -1});
-      if (need_input && transposed) pass.dense_out = grad_dense.view({groups, points}).zero_();
+      if (need_input && transposed) pass.dense_out = grad_dense[b0].view({groups, points}).zero_();
       sample_in_chunks(kernels, pass, chunk, points);
     }
     for (int64_t first = 0; first < points && !depthwise; first += chunk) {
       const int64_t count = std::min(chunk, points - first);
-      const at::Tensor dense_chunk = dense.narrow(2, first, count);
-      pass.first = first;
-      pass.count = count;
+      const int64_t width = n * count;
+      const at::Tensor dense_chunk = images_side_by_side(dense.narrow(2, first, count), groups);
+      at::Tensor columns, grad_columns;
       if (need_grad_columns) {
-        pass.grad_columns = grad_column_buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
-        at::Tensor grouped = pass.grad_columns.view({groups, rows_per_group, count});
+        grad_columns = grad_column_buffer.narrow(0, 0, image_rows * width).view({image_rows, width});
+        at::Tensor grouped = grad_columns.view({groups, rows_per_group, width});
         at::bmm_out(grouped, w.transpose(1, 2), dense_chunk);
       }
-      if (need_columns) pass.columns = column_buffer.narrow(0, 0, image_rows * count).view({image_rows, count});
-      kernels.sample(pass);
+      if (need_columns) columns = column_buffer.narrow(0, 0, image_rows * width).view({image_rows, width});
+      for (int64_t i = 0; i < n; ++i) {
+        SamplePass& pass = passes[i];
+        pass.first = first;
+        pass.count = count;
+        pass.column_stride = width;
+        if (need_grad_columns) pass.grad_columns = grad_columns.narrow(1, i * count, count);
+        if (need_columns) pass.columns = columns.narrow(1, i * count, count);
+        kernels.sample(pass);
+      }
       if (need_columns) {
-        const at::Tensor columns = pass.columns.view({groups, rows_per_group, count});
-        if (need_weight) grad_weight.baddbmm_(dense_chunk, columns.transpose(1, 2));
-        if (need_input && transposed) grad_dense.narrow(2, first, count).copy_(at::bmm(w, columns));
+        const at::Tensor grouped = columns.view({groups, rows_per_group, width});
+        if (need_weight) grad_weight.baddbmm_(dense_chunk, grouped.transpose(1, 2));
+        if (need_input && transposed) {
+          copy_images_back(at::bmm(w, grouped),
+                           grad_dense.narrow(0, b0, n).view({n, p.grid_channels, points}).narrow(2, first, count));
+        }
       }
     }
-    if (need_input && !same_dtype) {
-      grad_input[b].copy_(transposed ? grad_dense.view(grad_input[b].sizes()) : pass.grad_image);
-    }
+    for (int64_t i = 0; i < n && scatter_input && !same_dtype; ++i) grad_input[b0 + i].copy_(passes[i].grad_image);
   }
+  if (need_input && transposed && !same_dtype) grad_input.copy_(grad_dense);
   if (need_weight) grad_weight = grad_weight.view(weight.sizes()).to(dtype);
   if (need_offset) grad_offset = grad_offset.to(dtype);
   if (need_mask) grad_mask = grad_mask.to(dtype);

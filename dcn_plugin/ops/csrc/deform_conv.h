@@ -63,6 +63,9 @@ struct SamplePass {
   const Geometry& geometry;
   at::Tensor image, offset, mask, grad_columns;
   int64_t first = 0, count = 0;
+  // Row stride, in elements, of `columns` and `grad_columns` ((rows, count) views of a wider buffer
+  // when the driver puts several images side by side); 0 means `count`.
+  int64_t column_stride = 0;
   at::Tensor columns, grad_image, grad_offset, grad_mask;
   at::Tensor depthwise_weight, dense, dense_out, grad_depthwise_weight;
 };

@@ -79,7 +79,7 @@ struct SampleSweep {
   static constexpr int kCorners = Corners<N>::kCount;
   const SamplingTable<N, scalar_t, index_t>& table;
   ChannelGroups groups;
-  int64_t K, points, image_points, first, count;
+  int64_t K, points, image_points, first, count, column_stride;
   const scalar_t *image, *mask, *grad_columns;
   scalar_t *columns, *grad_image;
   // Depthwise contraction (see SamplePass); null otherwise.
@@ -100,8 +100,8 @@ struct SampleSweep {
     const int64_t row = c * K + k;
     const scalar_t* __restrict src = image != nullptr ? image + c * image_points : nullptr;
     const scalar_t* __restrict m = mask != nullptr ? mask + (mg * K + k) * points + first : nullptr;
-    const scalar_t* __restrict gcol = grad_columns != nullptr ? grad_columns + row * count : nullptr;
-    scalar_t* __restrict col = columns != nullptr ? columns + row * count : nullptr;
+    const scalar_t* __restrict gcol = grad_columns != nullptr ? grad_columns + row * column_stride : nullptr;
+    scalar_t* __restrict col = columns != nullptr ? columns + row * column_stride : nullptr;
     scalar_t* __restrict gimg = grad_image != nullptr ? grad_image + c * image_points : nullptr;
     const scalar_t* __restrict dd = dense != nullptr ? dense + c * points + first : nullptr;
     scalar_t* __restrict dout = dense_out != nullptr ? dense_out + c * points + first : nullptr;
@@ -191,6 +191,7 @@ void sample_impl(SamplePass& pass) {
                                                 g.image_points(),
                                                 pass.first,
                                                 count,
+                                                pass.column_stride > 0 ? pass.column_stride : count,
                                                 data_or_null<scalar_t>(pass.image),
                                                 data_or_null<scalar_t>(pass.mask),
                                                 data_or_null<scalar_t>(pass.grad_columns),
