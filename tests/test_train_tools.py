@@ -95,3 +95,10 @@ def test_two_process_torchrun(tmp_path):
     assert "Distributed launcher: pytorch" in log and "Distributed training: True" in log
     assert "Iter(train) [3/3]" in log and "coco/bbox_mAP" in log
     assert (work_dir / "iter_2.pth").exists()
+
+
+def test_amp_training_on_cpu_runs_in_bfloat16(tmp_path):
+    log = train(tmp_path / "amp", tmp_path, "--amp",
+                options=["train_cfg.max_iters=2", "train_cfg.val_interval=2"])
+    assert "AmpOptimWrapper" in log and "Iter(train) [2/2]" in log
+    assert re.search(r"loss: \d+\.\d+", log) and "nan" not in log.split("Iter(train) [2/2]")[1].split("\n")[0]

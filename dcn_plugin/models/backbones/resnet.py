@@ -33,17 +33,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import MODELS
+from ..config_utils import copy_cfg
 
 __all__ = ["BasicBlock", "Bottleneck", "ResLayer", "ResNet", "ResNetV1d"]
-
-
-def _copy_cfg(cfg, name: str) -> Optional[dict]:
-    """A deep copy of an optional config dict, so that nothing done here reaches the caller's."""
-    if cfg is None:
-        return None
-    if not isinstance(cfg, dict):
-        raise TypeError(f"{name} must be a dict or None, got {name}={cfg!r}")
-    return copy.deepcopy(cfg)
 
 
 def _strided_conv_cfg(dcn: Optional[dict], conv_cfg: Optional[dict], stride: int) -> Optional[dict]:
@@ -78,9 +70,9 @@ class _ResBlock(BaseModule):
         self.dilation = dilation
         self.style = style
         self.with_cp = with_cp
-        self.conv_cfg = _copy_cfg(conv_cfg, "conv_cfg")
-        self.norm_cfg = _copy_cfg(norm_cfg, "norm_cfg") or dict(type="BN")
-        self.dcn = _copy_cfg(dcn, "dcn")
+        self.conv_cfg = copy_cfg(conv_cfg, "conv_cfg")
+        self.norm_cfg = copy_cfg(norm_cfg, "norm_cfg") or dict(type="BN")
+        self.dcn = copy_cfg(dcn, "dcn")
 
     def _add_tail(self, downsample: Optional[nn.Module]) -> None:
         # After the convs and norms, so that the state_dict order is mmdet's / torchvision's.
@@ -284,7 +276,7 @@ class ResNet(BaseModule):
                              f"got frozen_stages={frozen_stages!r}")
         if style not in ("pytorch", "caffe"):
             raise ValueError(f"style must be 'pytorch' or 'caffe', got style={style!r}")
-        dcn = _copy_cfg(dcn, "dcn")
+        dcn = copy_cfg(dcn, "dcn")
         if dcn is not None and "type" not in dcn:
             raise ValueError(f"dcn must have a 'type', e.g. dict(type='DCNv2'), got dcn={dcn!r}")
 
@@ -320,8 +312,8 @@ class ResNet(BaseModule):
         self.deep_stem = deep_stem
         self.avg_down = avg_down
         self.frozen_stages = frozen_stages
-        self.conv_cfg = _copy_cfg(conv_cfg, "conv_cfg")
-        self.norm_cfg = _copy_cfg(norm_cfg, "norm_cfg") or dict(type="BN", requires_grad=True)
+        self.conv_cfg = copy_cfg(conv_cfg, "conv_cfg")
+        self.norm_cfg = copy_cfg(norm_cfg, "norm_cfg") or dict(type="BN", requires_grad=True)
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.dcn = dcn

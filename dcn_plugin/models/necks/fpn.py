@@ -9,7 +9,6 @@ are never mutated.
 
 from __future__ import annotations
 
-import copy
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch.nn.functional as F
@@ -18,18 +17,11 @@ from mmengine.model import BaseModule
 from torch import Tensor, nn
 
 from ...registry import MODELS
+from ..config_utils import copy_cfg
 
 __all__ = ["FPN"]
 
 _EXTRA_CONVS = ("on_input", "on_lateral", "on_output")
-
-
-def _copy_cfg(cfg, name: str) -> Optional[dict]:
-    if cfg is None:
-        return None
-    if not isinstance(cfg, dict):
-        raise TypeError(f"{name} must be a dict or None, got {name}={cfg!r}")
-    return copy.deepcopy(cfg)
 
 
 @MODELS.register_module()
@@ -78,10 +70,10 @@ class FPN(BaseModule):
         self.num_outs = num_outs
         self.relu_before_extra_convs = relu_before_extra_convs
         self.no_norm_on_lateral = no_norm_on_lateral
-        self.conv_cfg = _copy_cfg(conv_cfg, "conv_cfg")
-        self.norm_cfg = _copy_cfg(norm_cfg, "norm_cfg")
-        self.act_cfg = _copy_cfg(act_cfg, "act_cfg")
-        self.upsample_cfg = _copy_cfg(upsample_cfg, "upsample_cfg") or {}
+        self.conv_cfg = copy_cfg(conv_cfg, "conv_cfg")
+        self.norm_cfg = copy_cfg(norm_cfg, "norm_cfg")
+        self.act_cfg = copy_cfg(act_cfg, "act_cfg")
+        self.upsample_cfg = copy_cfg(upsample_cfg, "upsample_cfg") or {}
 
         if not 0 <= start_level < self.num_ins:
             raise ValueError(f"start_level must be in 0..{self.num_ins - 1} "

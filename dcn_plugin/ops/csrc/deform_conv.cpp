@@ -7,7 +7,8 @@
 //   d weight  = dense @ im2col(image)^T            (dense: grad_out, or the transposed op's input)
 //   d offset, d mask = coordinate gradients of sampling image, against W^T @ dense
 //   d input   = col2im(W^T @ grad_out)  for convolution,  W @ im2col(grad_out)  for transposed.
-// Each image is processed in chunks of grid points whose columns fit the workspace limit.
+// Work is cut into chunks whose columns fit the workspace limit: several whole images side by side
+// (one matrix product for all of them) where they fit, otherwise runs of one image's grid points.
 #include "deform_conv.h"
 
 #include <Python.h>
