@@ -18,6 +18,10 @@
 #include <sstream>
 #include <vector>
 
+#ifdef DCN_WITH_CUDA
+#include <cuda.h>  // CUDA_VERSION
+#endif
+
 namespace dcn_plugin {
 namespace {
 
@@ -259,7 +263,9 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
   at::Tensor out = at::empty(p.output_shape, input.options());
   const auto column_dtype = kernels.column_dtype(input.scalar_type());
   const auto column_options = input.options().dtype(column_dtype);
+  const auto accumulate_options = input.options().dtype(kernels.accumulate_dtype(column_dtype));
   const bool same_dtype = column_dtype == input.scalar_type();
+  const bool accumulate_in_output = accumulate_options.dtype() == input.dtype();
   const int64_t points = g.grid_points();
   const int64_t image_rows = p.image_channels * g.kernel_points();
   const int64_t rows_per_group = image_rows / groups;
@@ -270,8 +276,10 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
   const int64_t chunk = chunks.points;
   at::Tensor buffer =
       depthwise ? at::Tensor() : at::empty({image_rows * chunks.images * std::min(chunk, points)}, column_options);
-  // Output, per image, in the column dtype: `out` itself or a buffer copied back at the end.
-  auto dense_output = [&](int64_t b) { return same_dtype ? out[b] : at::empty(out[b].sizes(), column_options); };
+  // Output of one image that the pass accumulates into: `out[b]` or a buffer copied back at the end.
+  auto accumulator = [&](int64_t b) {
+    return accumulate_in_output ? out[b] : at::empty(out[b].sizes(), accumulate_options);
+  };
 
   if (depthwise) {
     for (int64_t b = 0; b < p.batch; ++b) {
@@ -279,7 +287,7 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
       pass.offset = per_image(offset, b, column_dtype, points);
       pass.mask = per_image(mask, b, column_dtype, points);
       pass.depthwise_weight = w.view({groups, -1});
-      at::Tensor dense_out = dense_output(b).zero_();
+      at::Tensor dense_out = accumulator(b).zero_();
       if (!transposed) {
         pass.image = input[b].to(column_dtype);
         pass.dense_out = dense_out.view({groups, points});
@@ -288,7 +296,7 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
         pass.grad_image = dense_out.view(p.image_shape);
       }
       sample_in_chunks(kernels, pass, chunk, points);
-      if (!same_dtype) out[b].copy_(dense_out);
+      if (!accumulate_in_output) out[b].copy_(dense_out);
     }
   }
   for (int64_t b0 = 0; b0 < p.batch && !depthwise; b0 += chunks.images) {
@@ -303,7 +311,7 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
       if (!transposed) {
         pass.image = input[b0 + i].to(column_dtype);
       } else {
-        scattered[i] = dense_output(b0 + i).zero_();
+        scattered[i] = accumulator(b0 + i).zero_();
         pass.grad_image = scattered[i];
       }
     }
@@ -337,7 +345,7 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
         }
       }
     }
-    for (int64_t i = 0; i < n && transposed && !same_dtype; ++i) out[b0 + i].copy_(scattered[i]);
+    for (int64_t i = 0; i < n && transposed && !accumulate_in_output; ++i) out[b0 + i].copy_(scattered[i]);
   }
   if (bias) {
     std::vector<int64_t> bias_shape(out.dim(), 1);
@@ -372,7 +380,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   const auto dtype = input.scalar_type();
   const auto column_dtype = kernels.column_dtype(dtype);
   const auto column_options = input.options().dtype(column_dtype);
-  const bool same_dtype = column_dtype == dtype;
+  const auto accumulate_dtype = kernels.accumulate_dtype(column_dtype);
+  const auto accumulate_options = input.options().dtype(accumulate_dtype);
+  const bool accumulate_in_input = accumulate_dtype == dtype;
   const int64_t points = g.grid_points();
   const int64_t image_rows = p.image_channels * g.kernel_points();
   const int64_t rows_per_group = image_rows / groups;
@@ -384,9 +394,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   // Gradients that are not asked for come back as empty tensors (distinct ones: outputs never alias).
   at::Tensor grad_input = need_input ? at::empty_like(input) : input.new_empty({0});
   at::Tensor grad_weight =
-      need_weight ? at::zeros({groups, grid_per_group, rows_per_group}, column_options) : input.new_empty({0});
-  at::Tensor grad_offset = need_offset ? at::zeros(offset->sizes(), column_options) : input.new_empty({0});
-  at::Tensor grad_mask = need_mask ? at::zeros(mask->sizes(), column_options) : input.new_empty({0});
+      need_weight ? at::zeros({groups, grid_per_group, rows_per_group}, accumulate_options) : input.new_empty({0});
+  at::Tensor grad_offset = need_offset ? at::zeros(offset->sizes(), accumulate_options) : input.new_empty({0});
+  at::Tensor grad_mask = need_mask ? at::zeros(mask->sizes(), accumulate_options) : input.new_empty({0});
   if (!(need_input || need_weight || need_offset || need_mask)) return {grad_input, grad_weight, grad_offset, grad_mask};
 
   // Depthwise: the pass contracts columns with the weight itself (see SamplePass).
@@ -400,10 +410,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   at::Tensor column_buffer = materialise_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
   at::Tensor grad_column_buffer =
       materialise_grad_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
-  // d input of the transposed op lives on the grid: W @ im2col(grad_out), in the column dtype.
+  // d input of the transposed op lives on the grid: W @ im2col(grad_out), a matrix product in the
+  // column dtype (or, depthwise, a sum the pass accumulates).
   at::Tensor grad_dense;
   if (need_input && transposed) {
-    grad_dense = same_dtype ? grad_input : at::empty(grad_input.sizes(), column_options);
+    const auto grad_dense_dtype = depthwise ? accumulate_dtype : column_dtype;
+    grad_dense = grad_dense_dtype == dtype ? grad_input : at::empty(grad_input.sizes(), input.options().dtype(grad_dense_dtype));
   }
 
   for (int64_t b0 = 0; b0 < p.batch; b0 += depthwise ? 1 : chunks.images) {
@@ -418,7 +430,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
       if (need_columns || need_offset || need_mask) pass.image = image_source[b].to(column_dtype);
       if (need_offset) pass.grad_offset = grad_offset[b].view({-1, points});
       if (need_mask) pass.grad_mask = grad_mask[b].view({-1, points});
-      if (scatter_input) pass.grad_image = same_dtype ? grad_input[b].zero_() : at::zeros(p.image_shape, column_options);
+      if (scatter_input) {
+        pass.grad_image = accumulate_in_input ? grad_input[b].zero_() : at::zeros(p.image_shape, accumulate_options);
+      }
     }
     const at::Tensor dense = dense_source.narrow(0, b0, n).to(column_dtype).view({n, p.grid_channels, points});
     if (depthwise) {
@@ -451,16 +465,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
       }
       if (need_columns) {
         const at::Tensor grouped = columns.view({groups, rows_per_group, width});
-        if (need_weight) grad_weight.baddbmm_(dense_chunk, grouped.transpose(1, 2));
+        if (need_weight && accumulate_dtype == column_dtype) grad_weight.baddbmm_(dense_chunk, grouped.transpose(1, 2));
+        if (need_weight && accumulate_dtype != column_dtype) grad_weight.add_(at::bmm(dense_chunk, grouped.transpose(1, 2)));
         if (need_input && transposed) {
           copy_images_back(at::bmm(w, grouped),
                            grad_dense.narrow(0, b0, n).view({n, p.grid_channels, points}).narrow(2, first, count));
         }
       }
     }
-    for (int64_t i = 0; i < n && scatter_input && !same_dtype; ++i) grad_input[b0 + i].copy_(passes[i].grad_image);
+    for (int64_t i = 0; i < n && scatter_input && !accumulate_in_input; ++i) grad_input[b0 + i].copy_(passes[i].grad_image);
   }
-  if (need_input && transposed && !same_dtype) grad_input.copy_(grad_dense);
+  if (need_input && transposed && !grad_dense.is_same(grad_input)) grad_input.copy_(grad_dense);
   if (need_weight) grad_weight = grad_weight.view(weight.sizes()).to(dtype);
   if (need_offset) grad_offset = grad_offset.to(dtype);
   if (need_mask) grad_mask = grad_mask.to(dtype);

@@ -30,12 +30,12 @@ struct Geometry {
   int64_t offset_groups = 0;        // 0 when there is no offset
   int64_t mask_groups = 0;          // 0 when there is no mask
 
-  int64_t kernel_points() const { return product(kernel_size); }
-  int64_t grid_points() const { return product(grid_size); }
-  int64_t image_points() const { return product(image_size); }
+  DCN_HOST_DEVICE int64_t kernel_points() const { return product(kernel_size); }
+  DCN_HOST_DEVICE int64_t grid_points() const { return product(grid_size); }
+  DCN_HOST_DEVICE int64_t image_points() const { return product(image_size); }
 
  private:
-  int64_t product(const int64_t* values) const {
+  DCN_HOST_DEVICE int64_t product(const int64_t* values) const {
     int64_t p = 1;
     for (int64_t d = 0; d < dims; ++d) p *= values[d];
     return p;
@@ -43,7 +43,9 @@ struct Geometry {
 };
 
 // One call of a device's sampling pass, over the grid points [first, first + count) of one image.
-// All tensors are contiguous and of the column dtype; undefined tensors are not read or written.
+// All tensors are contiguous; undefined tensors are not read or written. What the pass reads is of
+// the column dtype; what it accumulates into (grad_image, grad_offset, grad_mask, dense_out,
+// grad_depthwise_weight) is of the accumulation dtype, which is wider for half types on CUDA.
 //   image:   (C_image, *image_size), the tensor that is sampled
 //   offset:  (offset_groups * K * N, L);  mask: (mask_groups * K, L)
 //   grad_columns: (C_image * K, count), d loss / d columns (or any columns to scatter)
@@ -71,8 +73,10 @@ struct SamplePass {
 };
 
 struct SamplingKernels {
-  // The dtype columns are computed in for inputs of `dtype`.
+  // The dtype columns and matrix products are computed in, for inputs of `dtype`.
   at::ScalarType (*column_dtype)(at::ScalarType dtype);
+  // The dtype the pass's sums over samples are accumulated in, for columns of `column_dtype`.
+  at::ScalarType (*accumulate_dtype)(at::ScalarType column_dtype);
   // Computes every output of the pass that is defined, in one sweep over the samples.
   void (*sample)(SamplePass& pass);
 };

@@ -84,17 +84,19 @@ DCN_UNROLL
 }
 
 // Position sampled by kernel point `kernel_index` for column-grid point `grid_index`:
-// p * stride - padding + k * dilation (+ offset, added by the caller).
-template <int N, typename acc_t>
-DCN_HOST_DEVICE void base_position(int64_t grid_index, int64_t kernel_index, const int64_t* grid_size,
+// p * stride - padding + k * dilation (+ offset, added by the caller). `index_t` is the type the
+// indices are split in (32-bit division is much cheaper on a GPU).
+template <int N, typename acc_t, typename index_t>
+DCN_HOST_DEVICE void base_position(index_t grid_index, index_t kernel_index, const int64_t* grid_size,
                                    const int64_t* kernel_size, const int64_t* stride,
                                    const int64_t* padding, const int64_t* dilation, acc_t* pos) {
 DCN_UNROLL
   for (int d = N - 1; d >= 0; --d) {
-    const int64_t p = grid_index % grid_size[d];
-    const int64_t k = kernel_index % kernel_size[d];
-    grid_index /= grid_size[d];
-    kernel_index /= kernel_size[d];
+    const index_t size = static_cast<index_t>(grid_size[d]), kernel = static_cast<index_t>(kernel_size[d]);
+    const int64_t p = grid_index % size;
+    const int64_t k = kernel_index % kernel;
+    grid_index /= size;
+    kernel_index /= kernel;
     pos[d] = acc_t(p * stride[d] - padding[d] + k * dilation[d]);
   }
 }

@@ -317,6 +317,7 @@ const SamplingKernels& cpu_kernels() {
   static const SamplingKernels kernels{
       // Half types are sampled and multiplied in float32 on the CPU.
       [](at::ScalarType dtype) { return at::isReducedFloatingType(dtype) ? at::kFloat : dtype; },
+      [](at::ScalarType column_dtype) { return column_dtype; },
       [](SamplePass& pass) { sample_cpu(pass); },
   };
   return kernels;
