@@ -108,12 +108,13 @@ struct SampleSweep {
     const scalar_t weight_ck = depthwise_weight != nullptr ? depthwise_weight[row] : scalar_t(0);
     const bool coordinates = grad_offset != nullptr || grad_mask != nullptr;
 
-    auto sample = [&](int64_t j) {
+    // Forced inline: GCC otherwise keeps these as calls in some of the loops below (1.35x slower).
+    auto sample = [&](int64_t j) __attribute__((always_inline)) {
       scalar_t value = 0;
       for (int corner = 0; corner < kCorners; ++corner) value += w[j * kCorners + corner] * src[idx[j * kCorners + corner]];
       return value;
     };
-    auto scatter = [&](int64_t j, scalar_t v) {
+    auto scatter = [&](int64_t j, scalar_t v) __attribute__((always_inline)) {
       for (int corner = 0; corner < kCorners; ++corner) gimg[idx[j * kCorners + corner]] += w[j * kCorners + corner] * v;
     };
     if (!coordinates && grad_depthwise_weight == nullptr) {
