@@ -70,7 +70,35 @@ struct SamplePass {
   int64_t column_stride = 0;
   at::Tensor columns, grad_image, grad_offset, grad_mask;
   at::Tensor depthwise_weight, dense, dense_out, grad_depthwise_weight;
+
+  // The column dtype: that of whichever input the pass has.
+  at::ScalarType dtype() const {
+    for (const at::Tensor* t : {&image, &grad_columns, &dense}) {
+      if (t->defined()) return t->scalar_type();
+    }
+    TORCH_INTERNAL_ASSERT(false, "deform_conv: a sampling pass with no input");
+    return at::kFloat;
+  }
 };
+
+// Calls f.template operator()<N, index_t>() with N = dims (1 to 3) and index_t = int64_t where
+// `wide_index`, int32_t otherwise: how a device's sampling pass picks its kernel template.
+template <typename F>
+void dispatch_geometry(int64_t dims, bool wide_index, F&& f) {
+  auto with_index = [&]<int N>() {
+    if (wide_index) {
+      f.template operator()<N, int64_t>();
+    } else {
+      f.template operator()<N, int32_t>();
+    }
+  };
+  switch (dims) {
+    case 1: with_index.template operator()<1>(); break;
+    case 2: with_index.template operator()<2>(); break;
+    case 3: with_index.template operator()<3>(); break;
+    default: TORCH_CHECK(false, "deform_conv: unsupported number of spatial dims ", dims);
+  }
+}
 
 struct SamplingKernels {
   // The dtype columns and matrix products are computed in, for inputs of `dtype`.

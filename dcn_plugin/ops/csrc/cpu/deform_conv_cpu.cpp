@@ -13,7 +13,6 @@
 #include <torch/library.h>
 
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "deform_conv.h"
@@ -283,34 +282,13 @@ void sample_impl(SamplePass& pass) {
   }
 }
 
-at::ScalarType dtype_of(const SamplePass& pass) {
-  for (const at::Tensor* t : {&pass.image, &pass.grad_columns, &pass.dense}) {
-    if (t->defined()) return t->scalar_type();
-  }
-  TORCH_INTERNAL_ASSERT(false, "deform_conv: a sampling pass with no input");
-  return at::kFloat;
-}
-
 // Runs sample_impl for the pass's dims and dtype, with an index type wide enough for the image
 // (32-bit where every corner index fits).
 void sample_cpu(SamplePass& pass) {
-  const Geometry& g = pass.geometry;
-  const bool wide = g.image_points() > std::numeric_limits<int32_t>::max();
-  AT_DISPATCH_FLOATING_TYPES(dtype_of(pass), "dcn_plugin_cpu", [&] {
-    auto run = [&](auto dims) {
-      constexpr int N = decltype(dims)::value;
-      if (wide) {
-        sample_impl<N, scalar_t, int64_t>(pass);
-      } else {
-        sample_impl<N, scalar_t, int32_t>(pass);
-      }
-    };
-    switch (g.dims) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      default: TORCH_CHECK(false, "deform_conv: unsupported number of spatial dims ", g.dims);
-    }
+  const bool wide = pass.geometry.image_points() > std::numeric_limits<int32_t>::max();
+  AT_DISPATCH_FLOATING_TYPES(pass.dtype(), "dcn_plugin_cpu", [&] {
+    dispatch_geometry(pass.geometry.dims, wide,
+                      [&]<int N, typename index_t>() { sample_impl<N, scalar_t, index_t>(pass); });
   });
 }
 

@@ -23,7 +23,6 @@
 
 #include <limits>
 #include <numeric>
-#include <type_traits>
 
 #include "deform_conv.h"
 
@@ -321,14 +320,6 @@ void launch(SamplePass& pass) {
   }
 }
 
-at::ScalarType dtype_of(const SamplePass& pass) {
-  for (const at::Tensor* t : {&pass.image, &pass.grad_columns, &pass.dense}) {
-    if (t->defined()) return t->scalar_type();
-  }
-  TORCH_INTERNAL_ASSERT(false, "deform_conv: a sampling pass with no input");
-  return at::kFloat;
-}
-
 // Whether every index the kernels form for this pass fits in 32 bits.
 bool fits_int32(const SamplePass& pass) {
   const Geometry& g = pass.geometry;
@@ -348,22 +339,9 @@ void sample_cuda(SamplePass& pass) {
         "dcn_plugin::deform_conv on CUDA (the gradient of the input of deformable convolution, and the "
         "output of the transposed op, are scattered with atomic adds)");
   }
-  const bool narrow = fits_int32(pass);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype_of(pass), "dcn_plugin_cuda", [&] {
-    auto run = [&](auto dims) {
-      constexpr int N = decltype(dims)::value;
-      if (narrow) {
-        launch<N, scalar_t, int32_t>(pass);
-      } else {
-        launch<N, scalar_t, int64_t>(pass);
-      }
-    };
-    switch (g.dims) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      default: TORCH_CHECK(false, "deform_conv: unsupported number of spatial dims ", g.dims);
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pass.dtype(), "dcn_plugin_cuda", [&] {
+    dispatch_geometry(g.dims, !fits_int32(pass),
+                      [&]<int N, typename index_t>() { launch<N, scalar_t, index_t>(pass); });
   });
 }
 
