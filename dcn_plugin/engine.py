@@ -2,6 +2,10 @@
 
 ``setup_cpu_distributed``: distributed runs on machines without GPUs (torchrun + gloo).
 
+``CPUAutocastOptimWrapper``: ``--amp`` on a machine without a GPU (mmengine's ``AmpOptimWrapper``
+refuses to run there): the forward runs under ``torch.autocast('cpu', bfloat16)``, which, unlike
+float16, needs no loss scaling.
+
 ``mmengine_safe_loading``: lets torch >= 2.6 load mmengine checkpoints (``--resume``,
 ``load_from``) with safe loading on. Since torch 2.6, ``torch.load`` defaults to
 ``weights_only=True``, which refuses the non-tensor objects mmengine 0.10 stores in every
@@ -20,8 +24,27 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from mmengine.optim import OptimWrapper
+from mmengine.registry import OPTIM_WRAPPERS
 
-__all__ = ["mmengine_checkpoint_globals", "mmengine_safe_loading", "setup_cpu_distributed"]
+__all__ = ["CPUAutocastOptimWrapper", "mmengine_checkpoint_globals", "mmengine_safe_loading",
+           "setup_cpu_distributed"]
+
+
+@OPTIM_WRAPPERS.register_module()
+class CPUAutocastOptimWrapper(OptimWrapper):
+    """An ``OptimWrapper`` whose forward runs under CPU autocast in ``dtype`` (default bfloat16)."""
+
+    def __init__(self, *args, dtype: str = "bfloat16", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cast_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if self.cast_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"CPUAutocastOptimWrapper: dtype must be 'bfloat16' or 'float16', got {dtype!r}")
+
+    @contextlib.contextmanager
+    def optim_context(self, model):
+        with super().optim_context(model), torch.autocast("cpu", dtype=self.cast_dtype):
+            yield
 
 
 def mmengine_checkpoint_globals() -> list:

@@ -46,13 +46,11 @@ def build_config(args) -> Config:
         cfg.work_dir = args.work_dir
     elif cfg.get("work_dir") is None:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
-    if args.amp:
+    if args.amp and torch.cuda.is_available():
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
-        if not torch.cuda.is_available():
-            # CPU autocast runs in bfloat16, which needs no loss scaling.
-            cfg.optim_wrapper.dtype = "bfloat16"
-            cfg.optim_wrapper.pop("loss_scale")
+    elif args.amp:  # mmengine's AmpOptimWrapper is GPU-only; CPU autocast runs in bfloat16
+        cfg.optim_wrapper.type = "CPUAutocastOptimWrapper"
     if args.auto_scale_lr:
         cfg.auto_scale_lr = dict(cfg.get("auto_scale_lr", dict(base_batch_size=16)), enable=True)
     if args.resume == "auto":
