@@ -81,6 +81,40 @@ struct SamplePass {
   }
 };
 
+// A pass's tensors as raw pointers (null where undefined) and its extents, as kernels read them:
+// `scalar_t` is the column dtype, `acc_t` the accumulation dtype.
+template <typename scalar_t, typename acc_t>
+struct PassData {
+  int64_t K, points, image_points, first, count, column_stride;
+  const scalar_t *image, *offset, *mask, *grad_columns, *depthwise_weight, *dense;
+  scalar_t* columns;
+  acc_t *grad_image, *dense_out, *grad_depthwise_weight;
+
+  explicit PassData(const SamplePass& pass)
+      : K(pass.geometry.kernel_points()),
+        points(pass.geometry.grid_points()),
+        image_points(pass.geometry.image_points()),
+        first(pass.first),
+        count(pass.count),
+        column_stride(pass.column_stride > 0 ? pass.column_stride : pass.count),
+        image(data_or_null<scalar_t>(pass.image)),
+        offset(data_or_null<scalar_t>(pass.offset)),
+        mask(data_or_null<scalar_t>(pass.mask)),
+        grad_columns(data_or_null<scalar_t>(pass.grad_columns)),
+        depthwise_weight(data_or_null<scalar_t>(pass.depthwise_weight)),
+        dense(data_or_null<scalar_t>(pass.dense)),
+        columns(data_or_null<scalar_t>(pass.columns)),
+        grad_image(data_or_null<acc_t>(pass.grad_image)),
+        dense_out(data_or_null<acc_t>(pass.dense_out)),
+        grad_depthwise_weight(data_or_null<acc_t>(pass.grad_depthwise_weight)) {}
+
+ private:
+  template <typename T>
+  static T* data_or_null(const at::Tensor& t) {
+    return t.defined() ? t.data_ptr<T>() : nullptr;
+  }
+};
+
 // Calls f.template operator()<N, index_t>() with N = dims (1 to 3) and index_t = int64_t where
 // `wide_index`, int32_t otherwise: how a device's sampling pass picks its kernel template.
 template <typename F>
@@ -124,5 +158,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
     const at::Tensor& weight, const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
     at::IntArrayRef output_padding, int64_t groups, std::array<bool, 4> output_mask);
+
+// A device's kernels of the two ops: the driver run with that device's sampling pass, under
+// `DeviceGuard` (the CUDA guard, or NoDeviceGuard on the CPU). Registered with TORCH_LIBRARY_IMPL.
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(const at::Device&) {}
+};
+
+template <const SamplingKernels& (*kernels)(), typename DeviceGuard>
+struct DeviceOps {
+  static at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
+                            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                            at::IntArrayRef output_padding, int64_t groups) {
+    const DeviceGuard guard(input.device());
+    return deform_conv_forward(kernels(), input, weight, offset, mask, bias, stride, padding, dilation, transposed,
+                               output_padding, groups);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+      const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
+      at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+      int64_t groups, std::array<bool, 4> output_mask) {
+    const DeviceGuard guard(input.device());
+    return deform_conv_backward(kernels(), grad_output, input, weight, offset, mask, stride, padding, dilation,
+                                transposed, output_padding, groups, output_mask);
+  }
+};
 
 }  // namespace dcn_plugin

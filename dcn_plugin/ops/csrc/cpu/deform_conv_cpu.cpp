@@ -68,22 +68,20 @@ struct ChannelGroups {
         per_mask_group(g.mask_groups > 0 ? g.channels / g.mask_groups : 1) {}
 };
 
-template <typename scalar_t>
-scalar_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
-}
-
+// The CPU accumulates in the column dtype (float32 for half types).
 template <int N, typename scalar_t, typename index_t>
-struct SampleSweep {
+struct SampleSweep : PassData<scalar_t, scalar_t> {
   static constexpr int kCorners = Corners<N>::kCount;
   const SamplingTable<N, scalar_t, index_t>& table;
   ChannelGroups groups;
-  int64_t K, points, image_points, first, count, column_stride;
-  const scalar_t *image, *mask, *grad_columns;
-  scalar_t *columns, *grad_image;
-  // Depthwise contraction (see SamplePass); null otherwise.
-  const scalar_t *depthwise_weight, *dense;
-  scalar_t *dense_out, *grad_depthwise_weight;
+
+  using Data = PassData<scalar_t, scalar_t>;
+  using Data::K, Data::points, Data::image_points, Data::first, Data::column_stride, Data::image, Data::mask,
+      Data::grad_columns, Data::columns, Data::grad_image, Data::depthwise_weight, Data::dense, Data::dense_out,
+      Data::grad_depthwise_weight;
+
+  SampleSweep(const SamplePass& pass, const SamplingTable<N, scalar_t, index_t>& table_)
+      : Data(pass), table(table_), groups(pass.geometry) {}
 
   // Sweeps channel c for kernel point k over grid points [j0, j1), with the channel's image plane
   // in cache (a channel-inner order would reuse table entries but thrash the planes). Coordinate
@@ -184,23 +182,7 @@ void sample_impl(SamplePass& pass) {
                                                   pass.grad_offset.defined());
   const int64_t K = g.kernel_points(), count = pass.count, points = g.grid_points();
   const ChannelGroups groups(g);
-  const SampleSweep<N, scalar_t, index_t> sweep{table,
-                                                groups,
-                                                K,
-                                                points,
-                                                g.image_points(),
-                                                pass.first,
-                                                count,
-                                                pass.column_stride > 0 ? pass.column_stride : count,
-                                                data_or_null<scalar_t>(pass.image),
-                                                data_or_null<scalar_t>(pass.mask),
-                                                data_or_null<scalar_t>(pass.grad_columns),
-                                                data_or_null<scalar_t>(pass.columns),
-                                                data_or_null<scalar_t>(pass.grad_image),
-                                                data_or_null<scalar_t>(pass.depthwise_weight),
-                                                data_or_null<scalar_t>(pass.dense),
-                                                data_or_null<scalar_t>(pass.dense_out),
-                                                data_or_null<scalar_t>(pass.grad_depthwise_weight)};
+  const SampleSweep<N, scalar_t, index_t> sweep(pass, table);
   const int64_t C = g.channels;
   if (!coordinates && !pass.grad_image.defined() && !pass.depthwise_weight.defined()) {
     // im2col only: every (channel, kernel point, run of grid points) is independent.
@@ -302,28 +284,12 @@ const SamplingKernels& cpu_kernels() {
   return kernels;
 }
 
-at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
-                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-                       at::IntArrayRef output_padding, int64_t groups) {
-  return deform_conv_forward(cpu_kernels(), input, weight, offset, mask, bias, stride, padding, dilation,
-                             transposed, output_padding, groups);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
-    int64_t groups, std::array<bool, 4> output_mask) {
-  return deform_conv_backward(cpu_kernels(), grad_output, input, weight, offset, mask, stride, padding, dilation,
-                              transposed, output_padding, groups, output_mask);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dcn_plugin, CPU, m) {
-  m.impl("deform_conv", &forward_cpu);
-  m.impl("deform_conv_backward", &backward_cpu);
+  using Ops = DeviceOps<cpu_kernels, NoDeviceGuard>;
+  m.impl("deform_conv", &Ops::forward);
+  m.impl("deform_conv_backward", &Ops::backward);
 }
 
 }  // namespace dcn_plugin

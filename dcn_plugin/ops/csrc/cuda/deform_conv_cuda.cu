@@ -39,20 +39,18 @@ unsigned int blocks_for(int64_t work) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(1) << 20)));
 }
 
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-// What the kernels read and write, as raw pointers; see SamplePass for the meaning of each.
+// What the kernels read and write (see SamplePass), with the geometry and the channels per group
+// (C where there are no offsets / no masks).
 template <typename scalar_t, typename acc_t>
-struct PassArgs {
+struct PassArgs : PassData<scalar_t, acc_t> {
   Geometry g;
-  int64_t K, points, image_points, first, count, column_stride;
-  int64_t per_offset_group, per_mask_group;  // channels per group (C when there are no offsets / masks)
-  const scalar_t *image, *offset, *mask, *grad_columns, *depthwise_weight, *dense;
-  scalar_t* columns;
-  acc_t *grad_image, *dense_out, *grad_depthwise_weight;
+  int64_t per_offset_group, per_mask_group;
+
+  explicit PassArgs(const SamplePass& pass)
+      : PassData<scalar_t, acc_t>(pass),
+        g(pass.geometry),
+        per_offset_group(g.offset_groups > 0 ? g.channels / g.offset_groups : g.channels),
+        per_mask_group(g.mask_groups > 0 ? g.channels / g.mask_groups : g.channels) {}
 };
 
 // Corners of the sample of kernel point k at grid point first + j, for offset group og.
@@ -270,33 +268,15 @@ void launch(SamplePass& pass) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = pass.geometry;
   const int64_t C = g.channels;
-  PassArgs<scalar_t, acc_t> a{g,
-                              g.kernel_points(),
-                              g.grid_points(),
-                              g.image_points(),
-                              pass.first,
-                              pass.count,
-                              pass.column_stride > 0 ? pass.column_stride : pass.count,
-                              g.offset_groups > 0 ? C / g.offset_groups : C,
-                              g.mask_groups > 0 ? C / g.mask_groups : C,
-                              data_or_null<scalar_t>(pass.image),
-                              data_or_null<scalar_t>(pass.offset),
-                              data_or_null<scalar_t>(pass.mask),
-                              data_or_null<scalar_t>(pass.grad_columns),
-                              data_or_null<scalar_t>(pass.depthwise_weight),
-                              data_or_null<scalar_t>(pass.dense),
-                              data_or_null<scalar_t>(pass.columns),
-                              data_or_null<acc_t>(pass.grad_image),
-                              data_or_null<acc_t>(pass.dense_out),
-                              data_or_null<acc_t>(pass.grad_depthwise_weight)};
+  const PassArgs<scalar_t, acc_t> a(pass);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool want_offset = pass.grad_offset.defined(), want_mask = pass.grad_mask.defined();
   if (want_offset || want_mask) {
     // Runs lie within one offset group and one mask group.
     const int64_t run = run_length(std::gcd(a.per_offset_group, a.per_mask_group));
     const int64_t runs = C / run;
-    const at::Tensor partial =
-        at::empty({runs * a.K * (N + 1) * a.count}, pass.image.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const auto acc_options = pass.image.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor partial = at::empty({runs * a.K * (N + 1) * a.count}, acc_options);
     coordinate_kernel<N, scalar_t, acc_t, index_t><<<blocks_for(runs * a.K * a.count), kThreads, 0, stream>>>(
         a, static_cast<index_t>(run), want_offset, partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -304,7 +284,8 @@ void launch(SamplePass& pass) {
     const int64_t mask_rows = want_mask ? g.mask_groups * a.K : 0;
     reduce_coordinates_kernel<N, acc_t><<<blocks_for((offset_rows + mask_rows) * a.count), kThreads, 0, stream>>>(
         partial.data_ptr<acc_t>(), run, a.K, a.count, a.points, a.first, a.per_offset_group, a.per_mask_group,
-        data_or_null<acc_t>(pass.grad_offset), offset_rows, data_or_null<acc_t>(pass.grad_mask), mask_rows);
+        want_offset ? pass.grad_offset.data_ptr<acc_t>() : nullptr, offset_rows,
+        want_mask ? pass.grad_mask.data_ptr<acc_t>() : nullptr, mask_rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else if (a.columns != nullptr || a.grad_image != nullptr) {
     sample_kernel<N, scalar_t, acc_t, index_t><<<blocks_for(C * a.K * a.count), kThreads, 0, stream>>>(a);
@@ -355,30 +336,12 @@ const SamplingKernels& cuda_kernels() {
   return kernels;
 }
 
-at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
-                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-                        at::IntArrayRef output_padding, int64_t groups) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return deform_conv_forward(cuda_kernels(), input, weight, offset, mask, bias, stride, padding, dilation,
-                             transposed, output_padding, groups);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
-    int64_t groups, std::array<bool, 4> output_mask) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return deform_conv_backward(cuda_kernels(), grad_output, input, weight, offset, mask, stride, padding, dilation,
-                              transposed, output_padding, groups, output_mask);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dcn_plugin, CUDA, m) {
-  m.impl("deform_conv", &forward_cuda);
-  m.impl("deform_conv_backward", &backward_cuda);
+  using Ops = DeviceOps<cuda_kernels, c10::cuda::CUDAGuard>;
+  m.impl("deform_conv", &Ops::forward);
+  m.impl("deform_conv_backward", &Ops::backward);
 }
 
 }  // namespace dcn_plugin
