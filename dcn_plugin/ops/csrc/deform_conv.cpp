@@ -415,7 +415,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   at::Tensor grad_dense;
   if (need_input && transposed) {
     const auto grad_dense_dtype = depthwise ? accumulate_dtype : column_dtype;
-    grad_dense = grad_dense_dtype == dtype ? grad_input : at::empty(grad_input.sizes(), input.options().dtype(grad_dense_dtype));
+    grad_dense = grad_dense_dtype == dtype ? grad_input
+                                           : at::empty(grad_input.sizes(), input.options().dtype(grad_dense_dtype));
   }
 
   for (int64_t b0 = 0; b0 < p.batch; b0 += depthwise ? 1 : chunks.images) {
@@ -465,15 +466,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
       }
       if (need_columns) {
         const at::Tensor grouped = columns.view({groups, rows_per_group, width});
-        if (need_weight && accumulate_dtype == column_dtype) grad_weight.baddbmm_(dense_chunk, grouped.transpose(1, 2));
-        if (need_weight && accumulate_dtype != column_dtype) grad_weight.add_(at::bmm(dense_chunk, grouped.transpose(1, 2)));
+        if (need_weight && accumulate_dtype == column_dtype) {
+          grad_weight.baddbmm_(dense_chunk, grouped.transpose(1, 2));
+        } else if (need_weight) {  // a wider accumulator than the product's dtype
+          grad_weight.add_(at::bmm(dense_chunk, grouped.transpose(1, 2)));
+        }
         if (need_input && transposed) {
           copy_images_back(at::bmm(w, grouped),
                            grad_dense.narrow(0, b0, n).view({n, p.grid_channels, points}).narrow(2, first, count));
         }
       }
     }
-    for (int64_t i = 0; i < n && scatter_input && !accumulate_in_input; ++i) grad_input[b0 + i].copy_(passes[i].grad_image);
+    for (int64_t i = 0; i < n && scatter_input && !accumulate_in_input; ++i) {
+      grad_input[b0 + i].copy_(passes[i].grad_image);
+    }
   }
   if (need_input && transposed && !grad_dense.is_same(grad_input)) grad_input.copy_(grad_dense);
   if (need_weight) grad_weight = grad_weight.view(weight.sizes()).to(dtype);

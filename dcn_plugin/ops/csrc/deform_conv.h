@@ -86,6 +86,8 @@ struct SamplePass {
 template <typename scalar_t, typename acc_t>
 struct PassData {
   int64_t K, points, image_points, first, count, column_stride;
+  // Channels per offset group and per mask group (all channels where there are no offsets / masks).
+  int64_t per_offset_group, per_mask_group;
   const scalar_t *image, *offset, *mask, *grad_columns, *depthwise_weight, *dense;
   scalar_t* columns;
   acc_t *grad_image, *dense_out, *grad_depthwise_weight;
@@ -97,6 +99,8 @@ struct PassData {
         first(pass.first),
         count(pass.count),
         column_stride(pass.column_stride > 0 ? pass.column_stride : pass.count),
+        per_offset_group(per_group(pass.geometry, pass.geometry.offset_groups)),
+        per_mask_group(per_group(pass.geometry, pass.geometry.mask_groups)),
         image(data_or_null<scalar_t>(pass.image)),
         offset(data_or_null<scalar_t>(pass.offset)),
         mask(data_or_null<scalar_t>(pass.mask)),
@@ -109,6 +113,8 @@ struct PassData {
         grad_depthwise_weight(data_or_null<acc_t>(pass.grad_depthwise_weight)) {}
 
  private:
+  static int64_t per_group(const Geometry& g, int64_t groups) { return groups > 0 ? g.channels / groups : g.channels; }
+
   template <typename T>
   static T* data_or_null(const at::Tensor& t) {
     return t.defined() ? t.data_ptr<T>() : nullptr;

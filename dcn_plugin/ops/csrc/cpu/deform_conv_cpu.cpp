@@ -59,29 +59,19 @@ struct SamplingTable {
   }
 };
 
-// Channels per offset group / mask group (the divisor that maps a channel to its group).
-struct ChannelGroups {
-  int64_t per_offset_group;
-  int64_t per_mask_group;
-  explicit ChannelGroups(const Geometry& g)
-      : per_offset_group(g.channels / std::max<int64_t>(g.offset_groups, 1)),
-        per_mask_group(g.mask_groups > 0 ? g.channels / g.mask_groups : 1) {}
-};
-
 // The CPU accumulates in the column dtype (float32 for half types).
 template <int N, typename scalar_t, typename index_t>
 struct SampleSweep : PassData<scalar_t, scalar_t> {
   static constexpr int kCorners = Corners<N>::kCount;
   const SamplingTable<N, scalar_t, index_t>& table;
-  ChannelGroups groups;
 
   using Data = PassData<scalar_t, scalar_t>;
-  using Data::K, Data::points, Data::image_points, Data::first, Data::column_stride, Data::image, Data::mask,
-      Data::grad_columns, Data::columns, Data::grad_image, Data::depthwise_weight, Data::dense, Data::dense_out,
-      Data::grad_depthwise_weight;
+  using Data::K, Data::points, Data::image_points, Data::first, Data::column_stride, Data::per_offset_group,
+      Data::per_mask_group, Data::image, Data::mask, Data::grad_columns, Data::columns, Data::grad_image,
+      Data::depthwise_weight, Data::dense, Data::dense_out, Data::grad_depthwise_weight;
 
   SampleSweep(const SamplePass& pass, const SamplingTable<N, scalar_t, index_t>& table_)
-      : Data(pass), table(table_), groups(pass.geometry) {}
+      : Data(pass), table(table_) {}
 
   // Sweeps channel c for kernel point k over grid points [j0, j1), with the channel's image plane
   // in cache (a channel-inner order would reuse table entries but thrash the planes). Coordinate
@@ -90,7 +80,7 @@ struct SampleSweep : PassData<scalar_t, scalar_t> {
   // The common cases (forward im2col, depthwise forward, col2im) get loops of their own.
   void run(int64_t c, int64_t k, int64_t j0, int64_t j1, scalar_t* grad_offset, int64_t og0, scalar_t* grad_mask,
            int64_t mg0, int64_t stride) const {
-    const int64_t og = c / groups.per_offset_group, mg = c / groups.per_mask_group;
+    const int64_t og = c / per_offset_group, mg = c / per_mask_group;
     const int64_t e0 = table.entry(og, k, 0);
     const index_t* __restrict idx = &table.index[e0 * kCorners];
     const scalar_t* __restrict w = &table.weight[e0 * kCorners];
@@ -181,7 +171,6 @@ void sample_impl(SamplePass& pass) {
   const SamplingTable<N, scalar_t, index_t> table(g, pass.offset, pass.first, pass.count,
                                                   pass.grad_offset.defined());
   const int64_t K = g.kernel_points(), count = pass.count, points = g.grid_points();
-  const ChannelGroups groups(g);
   const SampleSweep<N, scalar_t, index_t> sweep(pass, table);
   const int64_t C = g.channels;
   if (!coordinates && !pass.grad_image.defined() && !pass.depthwise_weight.defined()) {
@@ -219,10 +208,10 @@ void sample_impl(SamplePass& pass) {
     Part& q = part[i];
     q.c0 = C * i / parts;
     q.c1 = C * (i + 1) / parts;
-    q.og0 = q.c0 / groups.per_offset_group;
-    q.og1 = (q.c1 - 1) / groups.per_offset_group + 1;
-    q.mg0 = q.c0 / groups.per_mask_group;
-    q.mg1 = (q.c1 - 1) / groups.per_mask_group + 1;
+    q.og0 = q.c0 / sweep.per_offset_group;
+    q.og1 = (q.c1 - 1) / sweep.per_offset_group + 1;
+    q.mg0 = q.c0 / sweep.per_mask_group;
+    q.mg1 = (q.c1 - 1) / sweep.per_mask_group + 1;
   }
   const bool need_offset = pass.grad_offset.defined(), need_mask = pass.grad_mask.defined();
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {

@@ -39,18 +39,12 @@ unsigned int blocks_for(int64_t work) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(1) << 20)));
 }
 
-// What the kernels read and write (see SamplePass), with the geometry and the channels per group
-// (C where there are no offsets / no masks).
+// What the kernels read and write (see SamplePass), with the geometry.
 template <typename scalar_t, typename acc_t>
 struct PassArgs : PassData<scalar_t, acc_t> {
   Geometry g;
-  int64_t per_offset_group, per_mask_group;
 
-  explicit PassArgs(const SamplePass& pass)
-      : PassData<scalar_t, acc_t>(pass),
-        g(pass.geometry),
-        per_offset_group(g.offset_groups > 0 ? g.channels / g.offset_groups : g.channels),
-        per_mask_group(g.mask_groups > 0 ? g.channels / g.mask_groups : g.channels) {}
+  explicit PassArgs(const SamplePass& pass) : PassData<scalar_t, acc_t>(pass), g(pass.geometry) {}
 };
 
 // Corners of the sample of kernel point k at grid point first + j, for offset group og.
@@ -217,13 +211,13 @@ __global__ void depthwise_kernel(const PassArgs<scalar_t, acc_t> a) {
     const index_t i = static_cast<index_t>(item);
     const index_t j = i % count, c = i / count;
     const scalar_t* plane = a.image + c * static_cast<index_t>(a.image_points);
+    const index_t og = c / static_cast<index_t>(a.per_offset_group), mg = c / static_cast<index_t>(a.per_mask_group);
     acc_t sum = 0;
     for (index_t k = 0; k < K; ++k) {
       index_t idx[kCorners];
       acc_t w[kCorners];
-      locate<N>(a, static_cast<index_t>(c / a.per_offset_group), k, j, idx, w, static_cast<acc_t*>(nullptr));
-      sum += static_cast<acc_t>(a.depthwise_weight[c * K + k]) *
-             mask_at(a, static_cast<index_t>(c / a.per_mask_group), k, j) * gather<N>(plane, idx, w);
+      locate<N>(a, og, k, j, idx, w, static_cast<acc_t*>(nullptr));
+      sum += static_cast<acc_t>(a.depthwise_weight[c * K + k]) * mask_at(a, mg, k, j) * gather<N>(plane, idx, w);
     }
     a.dense_out[c * static_cast<index_t>(a.points) + static_cast<index_t>(a.first) + j] += sum;
   }
@@ -238,13 +232,13 @@ __global__ void depthwise_weight_grad_kernel(const PassArgs<scalar_t, acc_t> a) 
   const index_t K = a.K, ck = blockIdx.x, c = ck / K, k = ck % K;
   const scalar_t* plane = a.image + c * static_cast<index_t>(a.image_points);
   const scalar_t* dense = a.dense + c * static_cast<index_t>(a.points) + static_cast<index_t>(a.first);
+  const index_t og = c / static_cast<index_t>(a.per_offset_group), mg = c / static_cast<index_t>(a.per_mask_group);
   acc_t sum = 0;
   for (index_t j = threadIdx.x; j < static_cast<index_t>(a.count); j += kThreads) {
     index_t idx[kCorners];
     acc_t w[kCorners];
-    locate<N>(a, static_cast<index_t>(c / a.per_offset_group), k, j, idx, w, static_cast<acc_t*>(nullptr));
-    sum += static_cast<acc_t>(dense[j]) * mask_at(a, static_cast<index_t>(c / a.per_mask_group), k, j) *
-           gather<N>(plane, idx, w);
+    locate<N>(a, og, k, j, idx, w, static_cast<acc_t*>(nullptr));
+    sum += static_cast<acc_t>(dense[j]) * mask_at(a, mg, k, j) * gather<N>(plane, idx, w);
   }
   sums[threadIdx.x] = sum;
   __syncthreads();
