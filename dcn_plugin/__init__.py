@@ -1,18 +1,22 @@
-"""dcn_plugin: compiled N-d deformable convolution for PyTorch and OpenMMLab.
+"""dcn_plugin: N-d deformable convolution for PyTorch and OpenMMLab.
 
-``dcn_plugin.ops`` holds the functional API and ``nn`` modules and needs only torch. Where
-mmengine is installed, importing ``dcn_plugin`` (e.g. ``custom_imports=dict(imports=['dcn_plugin'])``)
-also registers the OpenMMLab layers of ``dcn_plugin.models``.
+- ``dcn_plugin.ops``: the functional API and ``nn`` modules; needs torch only.
+- ``dcn_plugin.layers``: the config-facing DCN family in mmengine's registries; needs mmengine.
+  Importing ``dcn_plugin`` (e.g. ``custom_imports=dict(imports=['dcn_plugin'])``) registers them
+  where mmengine is installed.
+- ``dcn_plugin.models``, ``datasets``, ``evaluation``: the detector; need the ``mmlab`` extra
+  (mmcv-lite or mmcv-full, OpenCV, pycocotools) and are imported on demand.
+
+Importing the package prints nothing.
 """
 
-import importlib.util as _importlib_util
-
 from . import ops
+from ._extras import installed as _installed
 from .ops import cuda_version, has_ops, with_cuda
 
 __version__ = "0.1.0"
 
-if _importlib_util.find_spec("mmengine") is not None:
-    from . import models  # noqa: F401,E402
+if _installed("mmengine"):
+    from . import layers  # noqa: F401
 
 __all__ = ["ops", "has_ops", "with_cuda", "cuda_version", "__version__"]

@@ -16,10 +16,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from extras import require_detector  # noqa: E402
 from torch import nn
 
-pytest.importorskip("mmengine")
-pytest.importorskip("mmcv")
+require_detector()
 
 import torch.utils.checkpoint  # noqa: E402
 from mmcv.cnn import ConvModule  # noqa: E402
@@ -29,8 +29,8 @@ from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 import dcn_plugin.models.backbones  # noqa: E402,F401  (registers ResNet)
 import dcn_plugin.models.necks  # noqa: E402,F401  (registers FPN)
+from dcn_plugin.layers import DCN, DCNv2, DeformGenerator  # noqa: E402
 from dcn_plugin.models.backbones import BasicBlock, Bottleneck, ResNet, ResNetV1d  # noqa: E402
-from dcn_plugin.models.layers import DCN, DCNv2, DeformGenerator  # noqa: E402
 from dcn_plugin.models.necks import FPN  # noqa: E402
 from dcn_plugin.registry import MODELS  # noqa: E402
 

@@ -5,9 +5,9 @@ import random
 
 import pytest
 import torch
+from extras import require_detector  # noqa: E402
 
-pytest.importorskip("mmengine")
-pytest.importorskip("mmcv.cnn")
+require_detector()
 
 from dcn_plugin.models.bbox import batched_nms, bbox_overlaps, distance2bbox, nms  # noqa: E402
 from dcn_plugin.models.losses import CrossEntropyLoss, FocalLoss, GIoULoss, IoULoss  # noqa: E402

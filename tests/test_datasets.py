@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from extras import require_detector  # noqa: E402
 
-pytest.importorskip("mmengine")
-pytest.importorskip("pycocotools")
+require_detector()
 
 from mmengine.registry import DATASETS as ROOT_DATASETS  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
@@ -340,7 +340,7 @@ def test_resize_scale_factor_and_late_scale():
 
 
 def test_mmcv_random_resize_builds_our_resize():
-    transforms = pytest.importorskip("mmcv.transforms")
+    transforms = pytest.importorskip("mmcv.transforms", reason="needs mmcv.transforms: pip install mmcv-lite")
     from mmengine.registry import DefaultScope
 
     with DefaultScope.overwrite_default_scope("dcn_plugin"):

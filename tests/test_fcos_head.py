@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from extras import require_detector  # noqa: E402
 
-pytest.importorskip("mmengine")
-pytest.importorskip("mmcv.cnn")
+require_detector()
 
 import dcn_plugin.models  # noqa: E402,F401
+from dcn_plugin.layers import DCN, DCNv2  # noqa: E402
 from dcn_plugin.models.dense_heads import FCOSHead  # noqa: E402
-from dcn_plugin.models.layers import DCN, DCNv2  # noqa: E402
 from dcn_plugin.structures import DetDataSample, InstanceData  # noqa: E402
 
 STRIDES = (8, 16, 32)

@@ -1,4 +1,4 @@
-"""Tests of the OpenMMLab layers (``dcn_plugin.models``) and registries (``dcn_plugin.registry``).
+"""Tests of the OpenMMLab layers (``dcn_plugin.layers``) and registries (``dcn_plugin.registry``).
 
 Skipped where mmengine or mmcv (mmcv-lite is enough) is not installed. Oracles: ``F.conv{N}d`` with
 the same weights at initialisation, and ``tests/reference.py`` applied to the offset/mask split
@@ -19,10 +19,10 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from extras import require  # noqa: E402
 from torch import nn
 
-pytest.importorskip("mmengine")
-pytest.importorskip("mmcv")
+require("mmengine", "mmcv.cnn")
 
 from mmcv.cnn import ConvModule, build_conv_layer  # noqa: E402
 from mmengine.model import BaseModule  # noqa: E402
@@ -30,8 +30,8 @@ from mmengine.registry import MODELS as ROOT_MODELS  # noqa: E402
 from mmengine.runner.checkpoint import load_state_dict as mmengine_load_state_dict  # noqa: E402
 from reference import deform_conv_reference  # noqa: E402
 
-import dcn_plugin.models as models  # noqa: E402
-from dcn_plugin.models import LAYERS, register_dcn_upgrade_hook, upgrade_dcn_state_dict  # noqa: E402
+import dcn_plugin.layers as layers  # noqa: E402
+from dcn_plugin.layers import LAYERS, register_dcn_upgrade_hook, upgrade_dcn_state_dict  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPE = torch.float64
@@ -57,7 +57,7 @@ def _run(script: str) -> str:
 def _randomise_generators(module: nn.Module, scale: float = 0.3) -> None:
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, models.DeformGenerator):
+            if isinstance(m, layers.DeformGenerator):
                 m.weight.normal_(0, scale)
                 m.bias.normal_(0, scale)
 
@@ -106,7 +106,7 @@ def test_models_build_does_not_mutate_config():
                deform_groups=2, mask_activation="sigmoid")
     frozen = copy.deepcopy(cfg)
     layer = ROOT_MODELS.build(cfg)
-    assert cfg == frozen and type(layer) is models.DCNv2
+    assert cfg == frozen and type(layer) is layers.DCNv2
     assert layer.conv_offset.weight.shape == (3 * 2 * 9, 4, 3, 3)
 
 
@@ -145,7 +145,7 @@ def test_scoped_name_resolves_in_fresh_process():
         from mmcv.cnn import build_conv_layer
         assert not any(m == 'dcn_plugin' or m.startswith('dcn_plugin.') for m in sys.modules)
         layer = MODELS.build(dict(type='dcn_plugin.DCNv2', in_channels=4, out_channels=8, kernel_size=3))
-        assert type(layer).__module__ == 'dcn_plugin.models.layers.dcn', type(layer)
+        assert type(layer).__module__ == 'dcn_plugin.layers.dcn', type(layer)
         conv = build_conv_layer(dict(type='dcn_plugin.DCN'), 4, 8, 3)
         assert type(conv).__name__ == 'DCN'
         print('RESOLVED', type(layer).__name__)
@@ -186,17 +186,17 @@ sys.meta_path.insert(0, StandIn())
 @pytest.mark.parametrize("order", ["mmcv_ops_first", "dcn_plugin_first"])
 def test_import_orders_with_mmcv_full_standin(order):
     if order == "mmcv_ops_first":
-        imports = "import mmcv.ops\nimport dcn_plugin.models\n"
+        imports = "import mmcv.ops\nimport dcn_plugin.layers\n"
     else:  # through custom_imports, then mmcv-full's ops are imported by the user
         imports = textwrap.dedent("""
             from mmengine.config import Config
-            Config.fromstring("custom_imports = dict(imports=['dcn_plugin.models'])", '.py')
+            Config.fromstring("custom_imports = dict(imports=['dcn_plugin'])", '.py')
             import mmcv.ops
         """)
     out = _run(_STANDIN + imports + textwrap.dedent("""
         import mmcv.ops
         from mmcv.cnn import ConvModule, build_conv_layer
-        from dcn_plugin.models import LAYERS
+        from dcn_plugin.layers import LAYERS
         assert mmcv.ops.DeformConv2dPack.__module__ == 'mmcv.ops'
         for name, cls in LAYERS.items():
             assert type(build_conv_layer(dict(type=name), 4, 8, 3)) is cls, name
@@ -204,7 +204,7 @@ def test_import_orders_with_mmcv_full_standin(order):
         print('ORDER OK')
     """))
     assert "ORDER OK" in out
-    lines = [line for line in out.splitlines() if "are served by dcn_plugin.models.layers" in line]
+    lines = [line for line in out.splitlines() if "are served by dcn_plugin.layers" in line]
     assert len(lines) == 1, out
     assert "DCN (was mmcv.ops.DeformConv2dPack)" in lines[0]
     assert "DCNv2 (was mmcv.ops.ModulatedDeformConv2dPack)" in lines[0]
@@ -244,7 +244,7 @@ def _mmcv_expected(sd, x, modulated, stride=1, padding=1, dilation=1, groups=1):
 @pytest.mark.parametrize("modulated", [False, True], ids=["DCN", "DCNv2"])
 def test_mmcv_full_state_dict_loads_strict_and_matches(modulated):
     sd = _mmcv_state_dict(modulated)
-    cls = models.DCNv2 if modulated else models.DCN
+    cls = layers.DCNv2 if modulated else layers.DCN
     layer = cls(4, 6, 3, stride=1, padding=1, dilation=1, groups=1, deform_groups=2).double()
     assert set(layer.state_dict()) == set(sd)
     assert {k: v.shape for k, v in layer.state_dict().items()} == {k: v.shape for k, v in sd.items()}
@@ -260,7 +260,7 @@ class _Block(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(4, 4, 1)
-        self.conv2 = models.DCNv2(4, 6, 3, padding=1, deform_groups=2)
+        self.conv2 = layers.DCNv2(4, 6, 3, padding=1, deform_groups=2)
 
 
 def _version1_state_dict():
@@ -332,7 +332,7 @@ def test_version1_layout_loads(path, tmp_path):
 
 
 def _generators(module):
-    return [m for m in module.modules() if isinstance(m, models.DeformGenerator)]
+    return [m for m in module.modules() if isinstance(m, layers.DeformGenerator)]
 
 
 def test_init_weights_keeps_generators_zero():
@@ -341,9 +341,9 @@ def test_init_weights_keeps_generators_zero():
             super().__init__(init_cfg=[dict(type="Kaiming", layer=["Conv1d", "Conv2d", "Conv3d"]),
                                        dict(type="Normal", std=1.0, layer="Linear")])
             self.plain = nn.Conv2d(4, 4, 3)
-            self.dcn = models.DCNv2(4, 4, 3)  # a direct child: its init_weights is called
+            self.dcn = layers.DCNv2(4, 4, 3)  # a direct child: its init_weights is called
             self.block = ConvModule(4, 4, 3, conv_cfg=dict(type="DCN"), norm_cfg=dict(type="BN"))
-            self.seq = nn.Sequential(models.DCN3d(4, 4, 3), models.DCNTranspose1d(4, 4, 3, modulated=True))
+            self.seq = nn.Sequential(layers.DCN3d(4, 4, 3), layers.DCNTranspose1d(4, 4, 3, modulated=True))
 
     parent = Parent()
     gens = _generators(parent)
@@ -380,13 +380,13 @@ def test_at_initialisation_equals_plain_conv(name):
 
 
 def test_defaults_follow_mmcv():
-    assert models.DCN(4, 4, 3).bias is None  # DeformConv2d: no bias
-    assert models.DCNv2(4, 4, 3).bias is not None  # ModulatedDeformConv2d: bias=True
-    assert models.DCN(4, 4, 3, bias=True).bias is not None
-    v3 = models.DCNv3(4, 4, 3, deform_groups=2, mask_groups=4)
+    assert layers.DCN(4, 4, 3).bias is None  # DeformConv2d: no bias
+    assert layers.DCNv2(4, 4, 3).bias is not None  # ModulatedDeformConv2d: bias=True
+    assert layers.DCN(4, 4, 3, bias=True).bias is not None
+    v3 = layers.DCNv3(4, 4, 3, deform_groups=2, mask_groups=4)
     assert v3.conv_offset.weight.shape[0] == 2 * 2 * 9 + 4 * 9
     x = torch.randn(1, 4, 5, 5)
     _randomise_generators(v3)
     _, mask = v3._offset_mask(x)
     torch.testing.assert_close(mask.unflatten(1, (4, 9)).sum(2), torch.ones(1, 4, 3, 3))
-    assert math.isclose(models.DCN(4, 4, 3, im2col_step=64).deform_groups, 1)
+    assert math.isclose(layers.DCN(4, 4, 3, im2col_step=64).deform_groups, 1)

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import torch
 
-from dcn_plugin.models.layers.upgrade import upgrade_dcn_state_dict
+from dcn_plugin.layers.upgrade import upgrade_dcn_state_dict
 
 
 def convert(src: str, dst: str) -> List[str]:

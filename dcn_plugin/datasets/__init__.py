@@ -5,12 +5,16 @@
 - Transforms: ``LoadImageFromFile``, ``LoadAnnotations``, ``Resize``, ``RandomFlip``,
   ``PackDetInputs``.
 
-Needs mmengine and opencv-python (``cv2``).
+Needs the ``mmlab`` extra (mmcv, OpenCV, pycocotools).
 """
 
-from .coco import COCO_CLASSES, CocoDataset
-from .shapes import ShapesDataset, generate_shapes, make_image, object_mask, shapes_root
-from .transforms import LoadAnnotations, LoadImageFromFile, PackDetInputs, RandomFlip, Resize
+from .._extras import DETECTOR_MODULES, require
+
+require("dcn_plugin.datasets", DETECTOR_MODULES, extra="mmlab")
+
+from .coco import COCO_CLASSES, CocoDataset  # noqa: E402
+from .shapes import ShapesDataset, generate_shapes, make_image, object_mask, shapes_root  # noqa: E402
+from .transforms import LoadAnnotations, LoadImageFromFile, PackDetInputs, RandomFlip, Resize  # noqa: E402
 
 __all__ = [
     "COCO_CLASSES",

@@ -217,15 +217,28 @@ class _MaskSoftmax(nn.Module):
         return f"kernel_size={self.kernel_size}"
 
 
-def _groups_arg(value, name: str, channels: int, channels_name: str, cls_name: str) -> int:
+def check_groups(value, name: str, channels: int, channels_name: str, owner: str) -> int:
+    """Validates an offset/mask group count: a positive int dividing ``channels``."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{cls_name}: {name} must be a positive int, got {name}={value!r}")
+        raise ValueError(f"{owner}: {name} must be a positive int, got {name}={value!r}")
     if channels % value != 0:
         raise ValueError(
-            f"{cls_name}: {name} must divide {channels_name}, got {name}={value} and "
+            f"{owner}: {name} must divide {channels_name}, got {name}={value} and "
             f"{channels_name}={channels}"
         )
     return value
+
+
+def make_mask_activation(spec: Activation, kernel_size: Tuple[int, ...], owner: str) -> Optional[nn.Module]:
+    """``'sigmoid'`` (DCNv2), ``'softmax'`` (DCNv3, over the K kernel points), None or a module."""
+    if spec is None or isinstance(spec, nn.Module):
+        return spec
+    if spec == "sigmoid":
+        return nn.Sigmoid()
+    if spec == "softmax":
+        return _MaskSoftmax(kernel_size)
+    raise ValueError(f"{owner}: mask_activation must be None, 'sigmoid', 'softmax' or an nn.Module, "
+                     f"got mask_activation={spec!r}")
 
 
 class _PackedDeformMixin:
@@ -257,8 +270,9 @@ class _PackedDeformMixin:
         dtype,
     ) -> None:
         name = type(self).__name__
-        self.offset_groups = _groups_arg(offset_groups, "offset_groups", sampled_channels, sampled_name, name)
-        self.mask_groups = _groups_arg(mask_groups, "mask_groups", sampled_channels, sampled_name, name)
+        sampled = (sampled_channels, sampled_name, name)
+        self.offset_groups = check_groups(offset_groups, "offset_groups", *sampled)
+        self.mask_groups = check_groups(mask_groups, "mask_groups", *sampled)
         self.deformable = bool(deformable)
         self.modulated = bool(modulated)
         n = len(self.kernel_size)
@@ -279,21 +293,13 @@ class _PackedDeformMixin:
             if self.modulated else None,
         )
         # Validated even when unused; kept only where there is something to activate.
-        offset_activation = self._activation(offset_activation, "offset_activation", allow_names=False)
-        mask_activation = self._activation(mask_activation, "mask_activation", allow_names=True)
+        if not (offset_activation is None or isinstance(offset_activation, nn.Module)):
+            raise ValueError(f"{name}: offset_activation must be None or an nn.Module, "
+                             f"got offset_activation={offset_activation!r}")
+        mask_activation = make_mask_activation(mask_activation, self.kernel_size, name)
         self.offset_activation = offset_activation if self.deformable else None
         self.mask_activation = mask_activation if self.modulated else None
         self._reset_generators()
-
-    def _activation(self, spec: Activation, name: str, allow_names: bool) -> Optional[nn.Module]:
-        if spec is None or isinstance(spec, nn.Module):
-            return spec
-        if allow_names and spec == "sigmoid":
-            return nn.Sigmoid()
-        if allow_names and spec == "softmax":
-            return _MaskSoftmax(self.kernel_size)
-        allowed = "None, 'sigmoid', 'softmax' or an nn.Module" if allow_names else "None or an nn.Module"
-        raise ValueError(f"{type(self).__name__}: {name} must be {allowed}, got {name}={spec!r}")
 
     def _reset_generators(self) -> None:
         for generator in (self.conv_offset, self.conv_mask):

@@ -1,15 +1,14 @@
 """Config-facing deformable convolution layers, drop-in for mmcv-full's ``DCN`` / ``DCNv2``.
 
-Each layer is one of the op core's ``PackedDeformConv*`` modules (same op, same forward) whose
-offset and mask come from ONE generator, ``conv_offset``, as in mmcv-full, so that mmcv
-checkpoints load unchanged (keys ``weight``, ``bias``, ``conv_offset.weight``,
-``conv_offset.bias``):
+Each layer is an op module of ``dcn_plugin.ops`` (``DeformConv{N}d`` / ``DeformConvTranspose{N}d``:
+same parameters, same op) that owns ONE generator, ``conv_offset``, for its offset and mask, as
+mmcv-full's ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack`` do, so that mmcv checkpoints load
+unchanged (keys ``weight``, ``bias``, ``conv_offset.weight``, ``conv_offset.bias``):
 
-- ``conv_offset`` outputs ``deform_groups * N * K`` offset channels (torchvision/mmcv layout:
-  per group and kernel point, the N displacements in (d, h, w) order), followed, when
-  ``modulated``, by ``mask_groups * K`` mask channels. For 2d with ``mask_groups ==
-  deform_groups`` this is exactly mmcv's ``ModulatedDeformConv2dPack`` split
-  (``o1, o2, mask = chunk(out, 3, dim=1); offset = cat((o1, o2), dim=1)``).
+- ``conv_offset`` outputs ``deform_groups * N * K`` offset channels (torchvision/mmcv layout: per
+  group and kernel point, the N displacements in (d, h, w) order), followed, when ``modulated``,
+  by ``mask_groups * K`` mask channels. For 2d with ``mask_groups == deform_groups`` this is
+  exactly mmcv's split (``o1, o2, mask = chunk(out, 3, dim=1); offset = cat((o1, o2), dim=1)``).
 - the generator is zero-initialised and is not an ``nn.Conv{N}d``: initialisers of a parent that
   target ``layer='Conv2d'`` (mmengine) or ``isinstance(m, nn.Conv2d)`` skip it, so the layer
   starts as a plain convolution (``DCN``) or ``mask_activation(0) * conv`` (modulated) whatever the
@@ -19,19 +18,21 @@ checkpoints load unchanged (keys ``weight``, ``bias``, ``conv_offset.weight``,
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops.modules import (
-    PackedDeformConv1d,
-    PackedDeformConv2d,
-    PackedDeformConv3d,
-    PackedDeformConvTranspose1d,
-    PackedDeformConvTranspose2d,
-    PackedDeformConvTranspose3d,
+from ..ops.modules import (
+    DeformConv1d,
+    DeformConv2d,
+    DeformConv3d,
+    DeformConvTranspose1d,
+    DeformConvTranspose2d,
+    DeformConvTranspose3d,
+    check_groups,
+    make_mask_activation,
 )
 
 __all__ = [
@@ -57,17 +58,18 @@ class DeformGenerator(nn.Module):
     initialisation of every ``Conv2d`` leaves it at zero.
     """
 
-    def __init__(self, template: nn.Module, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Tuple[int, ...],
+                 stride: Tuple[int, ...], padding, dilation: Tuple[int, ...],
+                 device=None, dtype=None) -> None:
         super().__init__()
-        self.dim = len(template.kernel_size)
-        self.in_channels = template.in_channels
+        self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = tuple(template.kernel_size)
-        self.stride = tuple(template.stride)
-        self.padding = template.padding if isinstance(template.padding, str) else tuple(template.padding)
-        self.dilation = tuple(template.dilation)
-        factory = {"device": template.weight.device, "dtype": template.weight.dtype}
-        self.weight = nn.Parameter(torch.zeros(out_channels, self.in_channels, *self.kernel_size, **factory))
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride)
+        self.padding = padding if isinstance(padding, str) else tuple(padding)
+        self.dilation = tuple(dilation)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory))
 
     def reset_parameters(self) -> None:
@@ -75,7 +77,8 @@ class DeformGenerator(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        return _CONV_FN[self.dim](input, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        conv = _CONV_FN[len(self.kernel_size)]
+        return conv(input, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -83,22 +86,28 @@ class DeformGenerator(nn.Module):
 
 
 class _DCNMixin:
-    """What the config-facing layers add to the op core's packed modules."""
+    """Builds and applies the layer's generator; mixed into an op module of ``dcn_plugin.ops``."""
 
     # 2: the generator is the child ``conv_offset``; 1 (mmcv's early layout): it sat beside the
     # layer as ``<name>_offset``.
     _version = 2
 
-    def _setup_dcn(self, modulated: bool, mask_activation) -> None:
-        # The core built ``conv_offset`` (an nn.ConvNd with the offset channels) with the right
-        # geometry; replace it by one generator for offset and mask, laid out as mmcv's.
-        template = self.conv_offset
+    def _build_generator(self, sampled_channels: int, sampled_name: str, deform_groups: int,
+                         mask_groups: Optional[int], modulated: bool, mask_activation, geometry: dict,
+                         device, dtype) -> None:
+        """``geometry``: the generator's kernel_size, stride, padding and dilation."""
+        name = type(self).__name__
+        mask_groups = deform_groups if mask_groups is None else mask_groups
+        sampled = (sampled_channels, sampled_name, name)
+        self.offset_groups = check_groups(deform_groups, "deform_groups", *sampled)
+        self.mask_groups = check_groups(mask_groups, "mask_groups", *sampled)
+        self.modulated = bool(modulated)
         k = math.prod(self.kernel_size)
         self._offset_channels = self.offset_groups * len(self.kernel_size) * k
-        mask_channels = self.mask_groups * k if modulated else 0
-        self.conv_offset = DeformGenerator(template, self._offset_channels + mask_channels)
-        self.modulated = bool(modulated)
-        activation = self._activation(mask_activation, "mask_activation", allow_names=True)
+        mask_channels = self.mask_groups * k if self.modulated else 0
+        self.conv_offset = DeformGenerator(self.in_channels, self._offset_channels + mask_channels,
+                                           device=device, dtype=dtype, **geometry)
+        activation = make_mask_activation(mask_activation, self.kernel_size, name)
         self.mask_activation = activation if self.modulated else None
 
     @property
@@ -106,7 +115,7 @@ class _DCNMixin:
         """mmcv's name for ``offset_groups``."""
         return self.offset_groups
 
-    def _offset_mask(self, input: Tensor):
+    def _offset_mask(self, input: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         out = self.conv_offset(input)
         if not self.modulated:
             return out, None
@@ -119,7 +128,7 @@ class _DCNMixin:
 
     def init_weights(self) -> None:
         """Re-zeroes the generator (the layer's own weight and bias are left as they are)."""
-        self._reset_generators()
+        self.conv_offset.reset_parameters()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -138,12 +147,14 @@ class _DCNMixin:
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        if self.modulated and self.mask_activation is not None:
-            s += f", mask_activation={type(self.mask_activation).__name__}"
+        if self.offset_groups != 1:
+            s += f", deform_groups={self.offset_groups}"
+        if self.modulated:
+            s += f", mask_groups={self.mask_groups}, mask_activation={type(self.mask_activation).__name__}"
         return s
 
 
-class _DCNConvNd(_DCNMixin):
+class _DCNConv(_DCNMixin):
     """Arguments as mmcv's ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack``.
 
     Args:
@@ -157,6 +168,9 @@ class _DCNConvNd(_DCNMixin):
         mask_activation: ``'sigmoid'`` (DCNv2), ``'softmax'`` (DCNv3: over the K kernel points of
             each mask group), None or an ``nn.Module``.
         padding_mode, device, dtype: as ``nn.Conv{N}d`` (only ``padding_mode='zeros'``).
+
+    The generator sees the same window as the deformable kernel, so its output lies on the
+    output grid.
     """
 
     _default_modulated = False
@@ -169,17 +183,21 @@ class _DCNConvNd(_DCNMixin):
         modulated = self._default_modulated if modulated is None else bool(modulated)
         if isinstance(mask_activation, str) and mask_activation == "default":
             mask_activation = self._default_mask_activation
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            modulated if bias is None else bool(bias), padding_mode, device, dtype,
-            offset_groups=deform_groups, mask_groups=deform_groups if mask_groups is None else mask_groups,
-            deformable=True, modulated=False,
-        )
-        self._setup_dcn(modulated, mask_activation)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         modulated if bias is None else bool(bias), padding_mode, device, dtype)
+        geometry = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                        dilation=self.dilation)
+        self._build_generator(in_channels, "in_channels", deform_groups, mask_groups, modulated,
+                              mask_activation, geometry, device, dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """``input``: ``(B, C_in, *in)`` or ``(C_in, *in)``; returns ``(B, C_out, *out)``."""
+        offset, mask = self._offset_mask(input)
+        return self._conv_forward(input, self.weight, self.bias, offset, mask)
 
 
-class _DCNTransposeNd(_DCNMixin):
-    """Transposed layers; arguments as :class:`_DCNConvNd` plus keyword ``output_padding``.
+class _DCNConvTranspose(_DCNMixin):
+    """Transposed layers; arguments as :class:`_DCNConv` plus keyword ``output_padding``.
 
     The generator is a pointwise convolution on the input grid (where the transposed op's offset
     and mask live); ``deform_groups`` and ``mask_groups`` must divide ``out_channels``.
@@ -190,16 +208,20 @@ class _DCNTransposeNd(_DCNMixin):
                  mask_groups: Optional[int] = None, modulated: bool = False, mask_activation="sigmoid",
                  padding_mode: str = "zeros", device=None, dtype=None) -> None:
         modulated = bool(modulated)
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, output_padding, groups,
-            modulated if bias is None else bool(bias), dilation, padding_mode, device, dtype,
-            offset_groups=deform_groups, mask_groups=deform_groups if mask_groups is None else mask_groups,
-            deformable=True, modulated=False,
-        )
-        self._setup_dcn(modulated, mask_activation)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups,
+                         modulated if bias is None else bool(bias), dilation, padding_mode, device, dtype)
+        n = len(self.kernel_size)
+        geometry = dict(kernel_size=(1,) * n, stride=(1,) * n, padding=(0,) * n, dilation=(1,) * n)
+        self._build_generator(out_channels, "out_channels", deform_groups, mask_groups, modulated,
+                              mask_activation, geometry, device, dtype)
+
+    def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
+        """``input``: ``(B, C_in, *in)`` or ``(C_in, *in)``; returns ``(B, C_out, *out)``."""
+        offset, mask = self._offset_mask(input)
+        return self._conv_forward(input, self.weight, self.bias, offset, mask, output_size)
 
 
-class DCN(_DCNConvNd, PackedDeformConv2d):
+class DCN(_DCNConv, DeformConv2d):
     """2d deformable convolution with offsets (DCNv1), drop-in for mmcv's ``DeformConv2dPack``.
 
     ``conv_offset`` outputs ``2 * deform_groups * K`` channels. Unlike mmcv's, ``bias=True`` works.
@@ -224,21 +246,21 @@ class DCNv3(DCN):
     _default_mask_activation = "softmax"
 
 
-class DCN1d(_DCNConvNd, PackedDeformConv1d):
+class DCN1d(_DCNConv, DeformConv1d):
     """1d :class:`DCN`; ``modulated=True`` and ``mask_activation`` give the v2/v3 variants."""
 
 
-class DCN3d(_DCNConvNd, PackedDeformConv3d):
+class DCN3d(_DCNConv, DeformConv3d):
     """3d :class:`DCN`; ``modulated=True`` and ``mask_activation`` give the v2/v3 variants."""
 
 
-class DCNTranspose1d(_DCNTransposeNd, PackedDeformConvTranspose1d):
-    """1d transposed deformable convolution with its own generator; see :class:`_DCNTransposeNd`."""
+class DCNTranspose1d(_DCNConvTranspose, DeformConvTranspose1d):
+    """1d transposed deformable convolution with its own generator; see :class:`_DCNConvTranspose`."""
 
 
-class DCNTranspose2d(_DCNTransposeNd, PackedDeformConvTranspose2d):
-    """2d transposed deformable convolution with its own generator; see :class:`_DCNTransposeNd`."""
+class DCNTranspose2d(_DCNConvTranspose, DeformConvTranspose2d):
+    """2d transposed deformable convolution with its own generator; see :class:`_DCNConvTranspose`."""
 
 
-class DCNTranspose3d(_DCNTransposeNd, PackedDeformConvTranspose3d):
-    """3d transposed deformable convolution with its own generator; see :class:`_DCNTransposeNd`."""
+class DCNTranspose3d(_DCNConvTranspose, DeformConvTranspose3d):
+    """3d transposed deformable convolution with its own generator; see :class:`_DCNConvTranspose`."""

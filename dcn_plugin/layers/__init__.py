@@ -1,6 +1,7 @@
-"""Config-facing DCN layers, registered in mmengine's MODELS registries.
+"""Config-facing DCN layers, registered in mmengine's MODELS registries (needs mmengine, not mmcv).
 
-Importing this package (or ``custom_imports=dict(imports=['dcn_plugin.models'])``) registers:
+Importing this package (or ``dcn_plugin``, or ``custom_imports=dict(imports=['dcn_plugin'])``)
+registers:
 
 - in the ``dcn_plugin`` scope: ``dcn_plugin.DCN``, ``dcn_plugin.DCNv2``, ... (these resolve from
   any OpenMMLab config even without the import, see ``dcn_plugin.registry``);
@@ -12,20 +13,25 @@ mmcv-full registers ``DCN`` and ``DCNv2`` in the root registry too, and register
 raises ``KeyError``. So that the import order does not matter, mmcv-full's ops (``mmcv.ops``) are
 imported first where they can be (with mmcv-lite the import fails and is skipped), and then the
 bare names are taken over deliberately (``force=True``): our layers load mmcv's checkpoints and
-give the same outputs. One log line says which layers serve which names.
+give the same outputs. Registration logs at DEBUG level; only a takeover of mmcv-full's names is
+logged at INFO, since it changes what an existing config builds.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import logging
 import sys
 
-from mmengine.logging import print_log
-from mmengine.registry import MODELS as ROOT_MODELS
+from .._extras import installed, require
 
-from ...registry import MODELS
-from .dcn import (
+require("dcn_plugin.layers", ["mmengine"])
+
+from mmengine.logging import print_log  # noqa: E402
+from mmengine.registry import MODELS as ROOT_MODELS  # noqa: E402
+
+from ..registry import MODELS  # noqa: E402
+from .dcn import (  # noqa: E402
     DCN,
     DCN1d,
     DCN3d,
@@ -36,7 +42,7 @@ from .dcn import (
     DCNv3,
     DeformGenerator,
 )
-from .upgrade import register_dcn_upgrade_hook, upgrade_dcn_state_dict
+from .upgrade import register_dcn_upgrade_hook, upgrade_dcn_state_dict  # noqa: E402
 
 __all__ = [
     "DCN",
@@ -60,13 +66,13 @@ LAYERS = {cls.__name__: cls for cls in (DCN, DCNv2, DCNv3, DCN1d, DCN3d, DCNTran
 
 def _import_mmcv_ops() -> None:
     """Imports mmcv-full's ops, which register 'DCN'/'DCNv2', before we take those names."""
-    if "mmcv.ops" in sys.modules or importlib.util.find_spec("mmcv") is None:
+    if "mmcv.ops" in sys.modules or not installed("mmcv"):
         return
     try:
         importlib.import_module("mmcv.ops")
     except Exception as exc:  # mmcv-lite (no compiled ops) or a broken mmcv-full
         print_log(f"dcn_plugin: mmcv.ops not importable ({type(exc).__name__}: {exc})",
-                  logger="current", level=10)
+                  logger="current", level=logging.DEBUG)
 
 
 def _register() -> None:
@@ -84,8 +90,9 @@ def _register() -> None:
         ROOT_MODELS.register_module(name=name, module=cls, force=True)
     served = ", ".join(LAYERS)
     note = f"; taken over: {', '.join(taken)}" if taken else ""
-    print_log(f"dcn_plugin: {served} are served by dcn_plugin.models.layers in mmengine's MODELS "
-              f"(bare names and 'dcn_plugin.' scope){note}", logger="current")
+    print_log(f"dcn_plugin: {served} are served by dcn_plugin.layers in mmengine's MODELS "
+              f"(bare names and 'dcn_plugin.' scope){note}", logger="current",
+              level=logging.INFO if taken else logging.DEBUG)
 
 
 _register()
