@@ -1,4 +1,11 @@
-"""mmengine 0.10 runtime fixes for current torch, used by ``tools/train.py`` and ``tools/test.py``.
+"""Runtime pieces for mmengine 0.10 on current torch, used by ``tools/train.py`` and ``tools/test.py``.
+
+``load_config``: the config of a run, from the arguments the tools share (work dir, cfg-options,
+launcher).
+
+``NumClassCheckHook``: before training, validation and testing, checks that the detector's head
+predicts as many classes as the dataset has (a head with fewer classes silently trains the rest
+as background).
 
 ``setup_cpu_distributed``: distributed runs on machines without GPUs (torchrun + gloo).
 
@@ -18,17 +25,78 @@ never invoke it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import os.path as osp
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+from mmengine.config import Config, DictAction
+from mmengine.hooks import Hook
 from mmengine.optim import OptimWrapper
-from mmengine.registry import OPTIM_WRAPPERS
+from mmengine.registry import HOOKS, OPTIM_WRAPPERS
 
-__all__ = ["CPUAutocastOptimWrapper", "mmengine_checkpoint_globals", "mmengine_safe_loading",
-           "setup_cpu_distributed"]
+__all__ = ["CPUAutocastOptimWrapper", "NumClassCheckHook", "add_run_arguments", "load_config",
+           "mmengine_checkpoint_globals", "mmengine_safe_loading", "setup_cpu_distributed"]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments ``tools/train.py`` and ``tools/test.py`` share (mmdetection's names)."""
+    parser.add_argument("--work-dir", help="the dir to save logs, checkpoints and metrics")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction,
+                        help="override config settings, e.g. train_cfg.max_iters=100")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """``args.config`` with the shared arguments applied; the work dir defaults to
+    ``./work_dirs/<config name>``."""
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    setup_cpu_distributed(cfg, args.launcher)
+    return cfg
+
+
+@HOOKS.register_module()
+class NumClassCheckHook(Hook):
+    """Fails a run whose detector head predicts a different number of classes than its dataset has.
+
+    Checks ``model.bbox_head.num_classes`` against ``len(dataset.metainfo['classes'])`` of the
+    train, val and test datasets before each loop starts. Models without a ``bbox_head`` pass.
+    """
+
+    def _check(self, runner, split: str) -> None:
+        model = runner.model.module if hasattr(runner.model, "module") else runner.model
+        num_classes = getattr(getattr(model, "bbox_head", None), "num_classes", None)
+        loader = getattr(runner, f"{split}_dataloader")
+        classes = getattr(loader.dataset, "metainfo", {}).get("classes")
+        if num_classes is None or classes is None or num_classes == len(classes):
+            return
+        raise ValueError(
+            f"model.bbox_head.num_classes is {num_classes}, but the {split} dataset "
+            f"({type(loader.dataset).__name__}) has {len(classes)} classes {tuple(classes)}: set "
+            f"model.bbox_head.num_classes={len(classes)}, or {split}_dataloader.dataset.metainfo="
+            f"dict(classes=...) to the {num_classes} classes the head should predict"
+        )
+
+    def before_train(self, runner) -> None:
+        self._check(runner, "train")
+
+    def before_val(self, runner) -> None:
+        self._check(runner, "val")
+
+    def before_test(self, runner) -> None:
+        self._check(runner, "test")
 
 
 @OPTIM_WRAPPERS.register_module()

@@ -11,13 +11,37 @@ A ``DetDataSample`` carries one image's metainfo and up to three ``InstanceData`
 Metainfo keys: ``img_id``, ``img_path``, ``ori_shape`` (h, w), ``img_shape`` (h, w) after resize,
 ``scale_factor`` (w_scale, h_scale), ``flip``, ``flip_direction``, and, set by the data
 preprocessor, ``pad_shape`` and ``batch_input_shape`` (h, w).
+
+``label_categories`` is the one rule, shared by ``CocoDataset`` and ``CocoMetric``, that maps
+labels to COCO categories.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from mmengine.structures import BaseDataElement, InstanceData
 
-__all__ = ["DetDataSample", "InstanceData"]
+__all__ = ["DetDataSample", "InstanceData", "label_categories"]
+
+
+def label_categories(categories: Sequence[dict], classes: Sequence[str]) -> tuple[list[int], list[str], bool]:
+    """The COCO category id and name of each label.
+
+    Where ``classes`` are all category names, label ``i`` is the category named ``classes[i]``
+    (the first by id, where names repeat) and ``matched`` is True. Otherwise label ``i`` is the
+    ``i``-th category in ascending id order and ``matched`` is False.
+
+    Returns:
+        ``(cat_ids, names, matched)``.
+    """
+    ordered = sorted(categories, key=lambda c: c["id"])
+    name2id: dict[str, int] = {}
+    for cat in ordered:
+        name2id.setdefault(cat["name"], cat["id"])
+    if classes and all(c in name2id for c in classes):
+        return [name2id[c] for c in classes], list(classes), True
+    return [c["id"] for c in ordered], [c["name"] for c in ordered], False
 
 
 class DetDataSample(BaseDataElement):

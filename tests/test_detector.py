@@ -5,14 +5,15 @@ import os.path as osp
 
 import pytest
 import torch
+from extras import require_detector  # noqa: E402
 
-pytest.importorskip("mmengine")
-pytest.importorskip("mmcv.cnn")
+require_detector()
 
 from mmengine.config import Config  # noqa: E402
 
 import dcn_plugin.models  # noqa: E402,F401
-from dcn_plugin.models.layers import LAYERS  # noqa: E402
+from dcn_plugin.datasets.shapes import CLASSES  # noqa: E402
+from dcn_plugin.layers import LAYERS  # noqa: E402
 from dcn_plugin.registry import MODELS  # noqa: E402
 from dcn_plugin.structures import DetDataSample, InstanceData  # noqa: E402
 
@@ -42,6 +43,11 @@ def batch(num_images=2, size=(96, 128), seed=0):
     return dict(inputs=inputs, data_samples=samples)
 
 
+@pytest.mark.parametrize("config", sorted(glob.glob(osp.join(QUICK, "*.py"))), ids=osp.basename)
+def test_quickstart_heads_predict_every_bundled_class(config):
+    assert Config.fromfile(config).model.bbox_head.num_classes == len(CLASSES) == 6
+
+
 def test_loss_predict_tensor_modes():
     torch.manual_seed(0)
     model = build(osp.join(QUICK, "fcos_r18-dcnv2-c3-c5_fpn_shapes.py"))
@@ -53,7 +59,8 @@ def test_loss_predict_tensor_modes():
     assert set(losses) == {"loss_cls", "loss_bbox", "loss_centerness"}
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     cls, reg, ctr = model(data["inputs"], mode="tensor")
-    assert [tuple(c.shape) for c in cls] == [(2, 5, 12, 16), (2, 5, 6, 8), (2, 5, 3, 4)]
+    n = len(CLASSES)
+    assert [tuple(c.shape) for c in cls] == [(2, n, 12, 16), (2, n, 6, 8), (2, n, 3, 4)]
     assert [tuple(r.shape) for r in reg] == [(2, 4, 12, 16), (2, 4, 6, 8), (2, 4, 3, 4)]
     assert [tuple(c.shape) for c in ctr] == [(2, 1, 12, 16), (2, 1, 6, 8), (2, 1, 3, 4)]
     model.eval()

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
+from extras import require_detector  # noqa: E402
 
-pytest.importorskip("mmengine")
-pytest.importorskip("pycocotools")
+require_detector()
 
 from mmengine.evaluator import Evaluator  # noqa: E402
 
-from dcn_plugin.evaluation import CocoMetric  # noqa: E402
+from dcn_plugin.evaluation import CocoMetric, coco_metric  # noqa: E402
 from dcn_plugin.registry import METRICS  # noqa: E402
 from dcn_plugin.structures import DetDataSample, InstanceData  # noqa: E402
 
@@ -26,7 +27,13 @@ GT = {
     5: [(2, [30, 30, 40, 60])],
 }
 SUMMARY = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
+PER_CLASS = ("bbox_a_precision", "bbox_b_precision", "bbox_c_precision")
 LABEL = {1: 0, 2: 1, 4: 2}
+
+
+def _all(value):
+    """Every key the metric returns by default (summary and per-class AP), all equal to ``value``."""
+    return {f"coco/{k}": value for k in SUMMARY + PER_CLASS}
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +75,34 @@ def _evaluate(metric, samples, chunks=1):
 
 def test_perfect_prediction_scores_one(gt_file):
     result = _evaluate(CocoMetric(ann_file=gt_file), _predictions())
-    assert result == {f"coco/{k}": 1.0 for k in SUMMARY}
+    assert result == _all(1.0)
 
 
 def test_empty_prediction_scores_zero(gt_file):
     samples = [_sample(img_id, [], []) for img_id in GT]
-    assert _evaluate(CocoMetric(ann_file=gt_file), samples) == {f"coco/{k}": 0.0 for k in SUMMARY}
+    assert _evaluate(CocoMetric(ann_file=gt_file), samples) == _all(0.0)
 
 
 def test_wrong_labels_score_zero(gt_file):
     result = _evaluate(CocoMetric(ann_file=gt_file), _predictions(relabel=lambda label: (label + 1) % 3))
-    assert result == {f"coco/{k}": 0.0 for k in SUMMARY}
+    assert result == _all(0.0)
+
+
+def test_a_class_never_predicted_shows_in_the_per_class_ap(gt_file, monkeypatch):
+    logged = []
+    monkeypatch.setattr(coco_metric, "print_log", lambda msg, **kwargs: logged.append(msg))
+    samples = _predictions()
+    for sample in samples:  # drop every detection of class 'c' (label 2)
+        pred = sample["pred_instances"]
+        keep = pred["labels"] != 2
+        sample["pred_instances"] = {k: v[keep] for k, v in pred.items()}
+    result = _evaluate(CocoMetric(ann_file=gt_file), samples)
+    assert (result["coco/bbox_a_precision"], result["coco/bbox_b_precision"]) == (1.0, 1.0)
+    assert result["coco/bbox_c_precision"] == 0.0
+    log = "\n".join(logged)
+    assert "per-class bbox AP" in log and re.search(r"\bc\s+0\.0000", log), log
+    assert set(_evaluate(CocoMetric(ann_file=gt_file, classwise=False), _predictions())) == {
+        f"coco/{k}" for k in SUMMARY}
 
 
 def test_shifted_boxes(gt_file):

@@ -8,12 +8,10 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
+from extras import require_detector  # noqa: E402
 
-pytest.importorskip("mmengine")
-pytest.importorskip("mmcv.cnn")
-pytest.importorskip("pycocotools")
+require_detector()
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = osp.join(ROOT, "configs", "quickstart", "fcos_r18-dcnv2-c3-c5_fpn_shapes.py")
@@ -30,12 +28,12 @@ for split in ("train_dataloader", "val_dataloader"):
 NO_FLIP = ["train_dataloader.dataset.pipeline.3.prob=0.0"]
 
 
-def run(args, tmp_path, timeout=300):
+def run(args, tmp_path, timeout=300, returncode=0):
     env = dict(os.environ, DCN_PLUGIN_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert (proc.returncode == 0) == (returncode == 0), proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout + proc.stderr
 
 
@@ -79,6 +77,18 @@ def test_train_then_resume_matches_uninterrupted_run(tmp_path):
     out = run(["tools/test.py", CONFIG, str(full / "iter_4.pth"), "--work-dir", str(tmp_path / "test"),
                "--out", str(tmp_path / "predictions.pkl"), "--cfg-options", *TINY], tmp_path)
     assert "coco/bbox_mAP_50" in out and (tmp_path / "predictions.pkl").exists()
+
+
+def test_head_with_fewer_classes_than_the_dataset_fails_at_start(tmp_path):
+    checkpoint = tmp_path / "empty.pth"  # loads with missing keys; the check fails before testing
+    torch.save({"state_dict": {}}, checkpoint)
+    for tool in (["tools/train.py", CONFIG], ["tools/test.py", CONFIG, str(checkpoint)]):
+        log = run([*tool, "--work-dir", str(tmp_path / "mismatch"), "--cfg-options", *TINY,
+                   "model.bbox_head.num_classes=5"], tmp_path, returncode=1)
+        assert "model.bbox_head.num_classes is 5, but the" in log, log[-3000:]
+        assert "has 6 classes ('triangle', 'square', 'star', 'cross', 'ring', 'heart')" in log
+        assert "set model.bbox_head.num_classes=6" in log
+        assert "Iter(train)" not in log
 
 
 def test_resume_from_explicit_checkpoint_path(tmp_path):

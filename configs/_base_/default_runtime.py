@@ -1,5 +1,5 @@
 default_scope = "dcn_plugin"
-custom_imports = dict(imports=["dcn_plugin"], allow_failed_imports=False)
+custom_imports = dict(imports=["dcn_plugin", "dcn_plugin.engine"], allow_failed_imports=False)
 
 default_hooks = dict(
     timer=dict(type="IterTimerHook"),
@@ -8,6 +8,9 @@ default_hooks = dict(
     checkpoint=dict(type="CheckpointHook", interval=1),
     sampler_seed=dict(type="DistSamplerSeedHook"),
 )
+
+# Fails the run at start where the head's num_classes is not the dataset's number of classes.
+custom_hooks = [dict(type="NumClassCheckHook")]
 
 env_cfg = dict(
     cudnn_benchmark=False,

@@ -24,6 +24,7 @@ from mmengine.fileio import join_path, load
 from mmengine.logging import print_log
 
 from ..registry import DATASETS, TRANSFORMS
+from ..structures import label_categories
 
 __all__ = ["COCO_CLASSES", "CocoDataset"]
 
@@ -111,21 +112,15 @@ class CocoDataset(BaseDataset):
         )
 
     def _map_categories(self, categories: list[dict]) -> None:
-        categories = sorted(categories, key=lambda c: c["id"])
-        name2id: dict[str, int] = {}
-        for cat in categories:
-            name2id.setdefault(cat["name"], cat["id"])
         classes = tuple(self._metainfo.get("classes", ()))
-        if classes and all(c in name2id for c in classes):
-            self.cat_ids = [name2id[c] for c in classes]
-        elif self._user_classes:
-            missing = [c for c in classes if c not in name2id]
+        self.cat_ids, names, matched = label_categories(categories, classes)
+        if not matched and self._user_classes:
+            missing = [c for c in classes if c not in names]
             raise ValueError(f"metainfo classes {missing} are not categories of {self.ann_file}")
-        else:
-            self.cat_ids = [c["id"] for c in categories]
-            self._metainfo["classes"] = tuple(c["name"] for c in categories)
+        if not matched:
+            self._metainfo["classes"] = tuple(names)
             palette = self._metainfo.get("palette")
-            if palette is not None and len(palette) != len(categories):
+            if palette is not None and len(palette) != len(names):
                 del self._metainfo["palette"]
             print_log(
                 f"{type(self).__name__}: the categories of {self.ann_file} are not the default classes; "

@@ -29,6 +29,7 @@ from mmengine.fileio import get_local_path
 from mmengine.logging import print_log
 
 from ..registry import METRICS
+from ..structures import label_categories
 
 __all__ = ["CocoMetric"]
 
@@ -50,7 +51,8 @@ class CocoMetric(BaseMetric):
             module docstring).
         metric: ``'bbox'`` (the only one supported).
         classwise: also log a per-class AP table and return ``bbox_{class}_precision`` (the AP
-            of that class, -1.0 where the evaluated images hold none of it).
+            of that class, -1.0 where the evaluated images hold none of it); on by default, so
+            that a class that never learns shows in the log.
         format_only: only write the detections to ``{outfile_prefix}.bbox.json`` (e.g. for a
             test server) and return ``{}``.
         outfile_prefix: where to write the detections (also when evaluating); required with
@@ -70,7 +72,7 @@ class CocoMetric(BaseMetric):
         self,
         ann_file: Optional[str] = None,
         metric: str | Sequence[str] = "bbox",
-        classwise: bool = False,
+        classwise: bool = True,
         format_only: bool = False,
         outfile_prefix: Optional[str] = None,
         collect_device: str = "cpu",
@@ -127,20 +129,16 @@ class CocoMetric(BaseMetric):
 
     def _categories(self, coco: Any) -> tuple[list[int], list[str]]:
         """The category id and the name of each label."""
-        cats = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
-        name2id: dict[str, int] = {}
-        for cat in cats:
-            name2id.setdefault(cat["name"], cat["id"])
+        categories = coco.loadCats(coco.getCatIds())
         classes = list((self.dataset_meta or {}).get("classes") or ())
-        if classes and all(c in name2id for c in classes):
-            return [name2id[c] for c in classes], classes
-        if classes and len(classes) != len(cats):
+        cat_ids, names, matched = label_categories(categories, classes)
+        if not matched and classes and len(classes) != len(categories):
             print_log(
-                f"CocoMetric: dataset_meta has {len(classes)} classes that are not the {len(cats)} "
+                f"CocoMetric: dataset_meta has {len(classes)} classes that are not the {len(categories)} "
                 f"categories of {self._gt_file()}; mapping labels to the categories in id order",
                 logger="current", level=logging.WARNING,
             )
-        return [c["id"] for c in cats], [c["name"] for c in cats]
+        return cat_ids, names
 
     # ---------------------------------------------------------------------------------------
     # mmengine's metric interface.

@@ -29,7 +29,7 @@ model = dict(
     ),
     bbox_head=dict(
         type="FCOSHead",
-        num_classes=5,
+        num_classes=6,  # the bundled dataset's CLASSES
         in_channels=64,
         feat_channels=64,
         stacked_convs=2,
