@@ -5,8 +5,10 @@ C++ (``csrc/deform_conv.cpp``), modelled on ``aten::convolution``: one op for 1d
 transposed convolution. Here, with ``torch.library``, we register for them:
 
 - fake (meta) kernels, so ``torch.compile`` and ``torch.export`` can trace the op;
-- autograd, through the backward op (which computes only the gradients that are needed);
-- autocast for CPU and CUDA: the op runs in the autocast dtype, as ``conv2d`` does.
+- autograd, through the backward op (which computes only the gradients that are needed).
+
+Autocast (the op runs in the autocast dtype, as ``conv2d`` does) is a C++ kernel
+(``csrc/autocast.cpp``).
 """
 
 from __future__ import annotations
@@ -142,29 +144,3 @@ if _C is not None:
     torch.library.register_autograd(
         "dcn_plugin::deform_conv_backward", _no_double_backward, setup_context=_backward_setup_context
     )
-
-    def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
-        """Run ``op`` in the autocast dtype of ``device_type`` (as ``conv2d`` does).
-
-        ``torch.library.register_autocast`` casts to one fixed dtype; convolution instead follows
-        whatever dtype the enclosing ``torch.autocast`` asks for, so we register the same kind of
-        kernel with the dtype read at call time.
-        """
-        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-        key = getattr(torch._C.DispatchKey, key_name)
-
-        def cast(value, dtype):
-            if isinstance(value, Tensor) and value.is_floating_point() and value.device.type == device_type:
-                return value.to(dtype)
-            return value
-
-        def kernel(_keyset, *args):
-            dtype = torch.get_autocast_dtype(device_type)
-            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-                return op(*(cast(a, dtype) for a in args))
-
-        _LIB.impl(op._schema.name.split("::")[1], kernel, key_name, with_keyset=True)
-
-    _LIB = torch.library.Library("dcn_plugin", "IMPL")
-    for _device_type in ("cpu", "cuda"):
-        _register_autocast(_op, _device_type)
