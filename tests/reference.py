@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from dcn_plugin.ops.shapes import DeformConvShape
+
 IntOrTuple = Union[int, Sequence[int]]
 
 __all__ = [
@@ -244,75 +246,11 @@ def deform_conv_transpose_reference(
 # Test cases shared by the op tests.
 
 
-@dataclasses.dataclass
-class Case:
-    """One configuration of the op. ``offset_groups`` / ``mask_groups`` of 0 mean absent."""
+@dataclasses.dataclass(frozen=True)
+class Case(DeformConvShape):
+    """A configuration of the op (``dcn_plugin.ops.shapes.DeformConvShape``) and whether it has a bias."""
 
-    n: int = 2
-    transposed: bool = False
-    batch: int = 2
-    in_channels: int = 4
-    out_channels: int = 4
-    in_size: Tuple[int, ...] = (5, 5)
-    kernel: Tuple[int, ...] = (3, 3)
-    stride: Tuple[int, ...] = (1, 1)
-    padding: Tuple[int, ...] = (1, 1)
-    dilation: Tuple[int, ...] = (1, 1)
-    output_padding: Tuple[int, ...] = (0, 0)
-    groups: int = 1
-    offset_groups: int = 1
-    mask_groups: int = 1
     bias: bool = True
-
-    @staticmethod
-    def build(n: int, **kwargs) -> Case:
-        """Like the constructor, with ints broadcast to ``n``-tuples and defaults sized to ``n``."""
-        spatial = {"in_size": 5, "kernel": 3, "stride": 1, "padding": 1, "dilation": 1, "output_padding": 0}
-        fields = {name: _ntuple(kwargs.pop(name, default), n) for name, default in spatial.items()}
-        return Case(n=n, **fields, **kwargs)
-
-    @property
-    def num_kernel(self) -> int:
-        return math.prod(self.kernel)
-
-    @property
-    def out_size(self) -> Tuple[int, ...]:
-        if self.transposed:
-            return tuple(
-                (i - 1) * s - 2 * p + d * (k - 1) + op + 1
-                for i, k, s, p, d, op in zip(
-                    self.in_size, self.kernel, self.stride, self.padding, self.dilation, self.output_padding
-                )
-            )
-        return tuple(
-            (i + 2 * p - d * (k - 1) - 1) // s + 1
-            for i, k, s, p, d in zip(self.in_size, self.kernel, self.stride, self.padding, self.dilation)
-        )
-
-    @property
-    def grid(self) -> Tuple[int, ...]:
-        """Where offset and mask live: the output grid, or the input grid when transposed."""
-        return self.in_size if self.transposed else self.out_size
-
-    @property
-    def weight_shape(self) -> Tuple[int, ...]:
-        if self.transposed:
-            return (self.in_channels, self.out_channels // self.groups, *self.kernel)
-        return (self.out_channels, self.in_channels // self.groups, *self.kernel)
-
-    def is_valid(self) -> bool:
-        sampled = self.out_channels if self.transposed else self.in_channels
-        return (
-            self.in_channels % self.groups == 0
-            and self.out_channels % self.groups == 0
-            and (self.offset_groups == 0 or sampled % self.offset_groups == 0)
-            and (self.mask_groups == 0 or sampled % self.mask_groups == 0)
-            and all(o >= 1 for o in self.out_size)
-            and (
-                not self.transposed
-                or all(op < max(s, d) for op, s, d in zip(self.output_padding, self.stride, self.dilation))
-            )
-        )
 
 
 def random_offset(shape: Sequence[int], generator: torch.Generator) -> Tensor:
@@ -344,11 +282,9 @@ def make_tensors(
         "bias": torch.randn(case.out_channels, generator=g, dtype=f64) if case.bias else None,
     }
     if case.offset_groups:
-        shape = (case.batch, case.offset_groups * case.n * case.num_kernel, *case.grid)
-        tensors["offset"] = random_offset(shape, g)
+        tensors["offset"] = random_offset(case.offset_shape, g)
     if case.mask_groups:
-        shape = (case.batch, case.mask_groups * case.num_kernel, *case.grid)
-        tensors["mask"] = torch.rand(*shape, generator=g, dtype=f64) * 1.5 - 0.25
+        tensors["mask"] = torch.rand(*case.mask_shape, generator=g, dtype=f64) * 1.5 - 0.25
     for name, t in tensors.items():
         if t is not None:
             t = t.to(device=device, dtype=dtype)

@@ -162,7 +162,7 @@ def cases(draw, n: int, transposed: bool):
     in_size = tuple(draw(st.integers(1, max_size)) for _ in range(n))
     output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
     case = Case(
-        n=n, transposed=transposed, batch=draw(st.integers(1, 3)), in_channels=in_channels,
+        transposed=transposed, batch=draw(st.integers(1, 3)), in_channels=in_channels,
         out_channels=out_channels, in_size=in_size, kernel=kernel, stride=stride, padding=padding,
         dilation=dilation, output_padding=output_padding if transposed else (0,) * n, groups=groups,
         offset_groups=draw(st.sampled_from([0, *divisors])),

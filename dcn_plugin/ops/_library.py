@@ -19,6 +19,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .shapes import conv_output_size
+
 _LOAD_ERROR: Optional[BaseException] = None
 try:
     _C = importlib.import_module("dcn_plugin._C")
@@ -62,14 +64,6 @@ def set_workspace_limit(num_bytes: int) -> int:
     return int(torch.ops.dcn_plugin._set_workspace_limit(int(num_bytes)))
 
 
-def _conv_output_size(
-    in_size: int, kernel: int, stride: int, padding: int, dilation: int, transposed: bool, output_padding: int
-):
-    if transposed:
-        return (in_size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
-    return (in_size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def _output_shape(
     input: Tensor,
     weight: Tensor,
@@ -84,8 +78,8 @@ def _output_shape(
     kernel = weight.shape[2:]
     out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
     spatial = [
-        _conv_output_size(input.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], transposed,
-                          output_padding[d])
+        conv_output_size(input.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], transposed,
+                         output_padding[d])
         for d in range(n)
     ]
     return [input.shape[0], out_channels, *spatial]

@@ -1,0 +1,68 @@
+"""``dcn_plugin.ops.shapes`` against torch's own convolutions, and ``tools/benchmark.py`` end to end
+on its smallest case (a smoke test of the program; it asserts nothing about speed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcn_plugin.ops.shapes import DeformConvShape, conv_output_size
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_output_size_is_torch_convolutions(transposed):
+    grid = itertools.product((1, 5, 8), (1, 2, 3), (1, 2, 3), (0, 1, 2), (1, 2))
+    for size, kernel, stride, padding, dilation in grid:
+        x = torch.zeros(1, 1, size)
+        w = torch.zeros(1, 1, kernel)
+        for output_padding in range(max(stride, dilation)) if transposed else (0,):
+            try:
+                if transposed:
+                    y = F.conv_transpose1d(x, w, None, stride, padding, output_padding, 1, dilation)
+                else:
+                    y = F.conv1d(x, w, None, stride, padding, dilation)
+            except RuntimeError:  # torch refuses: a non-positive size
+                continue
+            expected = y.shape[-1]
+            got = conv_output_size(size, kernel, stride, padding, dilation, transposed, output_padding)
+            assert got == expected, (size, kernel, stride, padding, dilation, output_padding)
+
+
+def test_shape_record():
+    case = DeformConvShape.build(2, batch=3, in_channels=6, out_channels=4, in_size=(7, 9), kernel=(3, 2),
+                                 stride=2, groups=2, offset_groups=3, mask_groups=6)
+    assert case.n == 2 and case.num_kernel == 6 and case.out_size == (4, 5)
+    assert case.weight_shape == (4, 3, 3, 2)
+    assert case.offset_shape == (3, 3 * 2 * 6, 4, 5) and case.mask_shape == (3, 6 * 6, 4, 5)
+    assert case.is_valid() and not DeformConvShape.build(2, in_channels=6, offset_groups=4).is_valid()
+    transposed = DeformConvShape.build(1, in_channels=2, out_channels=6, in_size=4, stride=2, transposed=True)
+    assert transposed.grid == (4,) and transposed.out_size == (7,) and transposed.weight_shape == (2, 6, 3)
+    assert transposed.describe() == "T 2x2x4->6x7 k3 s2"
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "tools", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_runs_and_reports(tmp_path):
+    benchmark = _benchmark_module()
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--cases", "qs-256", "--min-time", "0", "--repeats", "1", "--json", str(out),
+                           "--markdown", str(tmp_path / "bench.md")]) == 0
+    results = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["F.conv"]["fwd_bwd_vs_conv"] == 1.0
+    assert results["dcn_plugin"]["fwd"]["ms"] > 0 and results["dcn_plugin"]["fwd_bwd_vs_conv"] > 0
+    assert "| qs-256 | 16x256x4x4->256x4x4 k3x3 | dcn_plugin |" in (tmp_path / "bench.md").read_text()
