@@ -387,6 +387,6 @@ def test_defaults_follow_mmcv():
     assert v3.conv_offset.weight.shape[0] == 2 * 2 * 9 + 4 * 9
     x = torch.randn(1, 4, 5, 5)
     _randomise_generators(v3)
-    _, mask = v3._offset_mask(x)
+    _, mask = v3.offset_mask(x)
     torch.testing.assert_close(mask.unflatten(1, (4, 9)).sum(2), torch.ones(1, 4, 3, 3))
     assert math.isclose(layers.DCN(4, 4, 3, im2col_step=64).deform_groups, 1)

@@ -115,7 +115,9 @@ class _DCNMixin:
         """mmcv's name for ``offset_groups``."""
         return self.offset_groups
 
-    def _offset_mask(self, input: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    def offset_mask(self, input: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """The offset ``(B, deform_groups * N * K, *grid)`` and the activated mask
+        ``(B, mask_groups * K, *grid)`` (None unless modulated) this layer applies to ``input``."""
         out = self.conv_offset(input)
         if not self.modulated:
             return out, None
@@ -192,7 +194,7 @@ class _DCNConv(_DCNMixin):
 
     def forward(self, input: Tensor) -> Tensor:
         """``input``: ``(B, C_in, *in)`` or ``(C_in, *in)``; returns ``(B, C_out, *out)``."""
-        offset, mask = self._offset_mask(input)
+        offset, mask = self.offset_mask(input)
         return self._conv_forward(input, self.weight, self.bias, offset, mask)
 
 
@@ -217,7 +219,7 @@ class _DCNConvTranspose(_DCNMixin):
 
     def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
         """``input``: ``(B, C_in, *in)`` or ``(C_in, *in)``; returns ``(B, C_out, *out)``."""
-        offset, mask = self._offset_mask(input)
+        offset, mask = self.offset_mask(input)
         return self._conv_forward(input, self.weight, self.bias, offset, mask, output_size)
 
 

@@ -313,7 +313,8 @@ class _PackedDeformMixin:
         if "conv_offset" in self._modules:
             self._reset_generators()
 
-    def _offset_mask(self, input: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    def offset_mask(self, input: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The activated offset and mask this module applies to ``input`` (None where absent)."""
         offset = mask = None
         if self.conv_offset is not None:
             offset = self.conv_offset(input)
@@ -375,7 +376,7 @@ class _PackedDeformConvNd(_PackedDeformMixin, _DeformConvNd):
 
     def forward(self, input: Tensor) -> Tensor:
         """``input``: ``(B, C_in, *in)`` or ``(C_in, *in)``; returns ``(B, C_out, *out)``."""
-        offset, mask = self._offset_mask(input)
+        offset, mask = self.offset_mask(input)
         return self._conv_forward(input, self.weight, self.bias, offset, mask)
 
 
@@ -415,7 +416,7 @@ class _PackedDeformConvTransposeNd(_PackedDeformMixin, _DeformConvTransposeNd):
 
     def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
         """``input``: ``(B, C_in, *in)`` or ``(C_in, *in)``; returns ``(B, C_out, *out)``."""
-        offset, mask = self._offset_mask(input)
+        offset, mask = self.offset_mask(input)
         return self._conv_forward(input, self.weight, self.bias, offset, mask, output_size)
 
 
