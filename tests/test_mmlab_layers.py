@@ -390,3 +390,14 @@ def test_defaults_follow_mmcv():
     _, mask = v3.offset_mask(x)
     torch.testing.assert_close(mask.unflatten(1, (4, 9)).sum(2), torch.ones(1, 4, 3, 3))
     assert math.isclose(layers.DCN(4, 4, 3, im2col_step=64).deform_groups, 1)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_reset_parameters_and_init_weights_zero_the_generator(name):
+    for reset in ("reset_parameters", "init_weights"):
+        layer = LAYERS[name](4, 4, 3, padding=1)
+        _randomise_generators(layer)
+        weight = layer.weight.detach().clone()
+        getattr(layer, reset)()
+        assert not layer.conv_offset.weight.any() and not layer.conv_offset.bias.any(), reset
+        assert reset == "reset_parameters" or torch.equal(layer.weight, weight)  # init_weights keeps it

@@ -132,6 +132,12 @@ class _DCNMixin:
         """Re-zeroes the generator (the layer's own weight and bias are left as they are)."""
         self.conv_offset.reset_parameters()
 
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        # _ConvNd.__init__ calls this before the generator exists.
+        if "conv_offset" in self._modules:
+            self.conv_offset.reset_parameters()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         # mmcv's upgrade of version-1 keys ``<name>_offset.*``. It only fires when the loader hands
