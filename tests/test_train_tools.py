@@ -114,3 +114,11 @@ def test_amp_training_on_cpu_runs_in_bfloat16(tmp_path):
                 options=["train_cfg.max_iters=2", "train_cfg.val_interval=2"])
     assert "CPUAutocastOptimWrapper" in log and "Iter(train) [2/2]" in log
     assert re.search(r"loss: \d+\.\d+", log) and "nan" not in log.split("Iter(train) [2/2]")[1].split("\n")[0]
+
+
+def test_time_train_step_times_each_config_on_the_same_batches(tmp_path):
+    plain = osp.join(ROOT, "configs", "quickstart", "fcos_r18_fpn_shapes.py")
+    out = run(["tools/time_train_step.py", plain, CONFIG, "--steps", "1", "--rounds", "1", "--cfg-options",
+               *[o for o in TINY if o.startswith("train_dataloader")]], tmp_path)
+    lines = [line for line in out.splitlines() if "ms/step" in line]
+    assert len(lines) == 2 and lines[0].split()[2] == "1.00x" and lines[1].endswith(CONFIG), out[-2000:]
