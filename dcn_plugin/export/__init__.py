@@ -25,6 +25,7 @@ from .onnx import (  # noqa: E402
     export_onnx,
     inference_session,
     onnx_translation_table,
+    onnxscript_opset,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "export_onnx",
     "inference_session",
     "onnx_translation_table",
+    "onnxscript_opset",
 ]

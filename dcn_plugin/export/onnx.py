@@ -44,6 +44,7 @@ __all__ = [
     "SUPPORTED",
     "DeformConvExportError",
     "onnx_translation_table",
+    "onnxscript_opset",
     "export_onnx",
     "inference_session",
 ]
@@ -195,8 +196,20 @@ def _check_deform_conv(g: Geometry, dtype, opset_version: int) -> None:
                      f"opset_version={opset_version} (export with opset_version=22, or in float32)")
 
 
+def onnxscript_opset(opset_version: int):
+    """The onnxscript opset (``onnxscript.opset18`` .. ``opset23``) to build translations with.
+
+    Raises ``ValueError`` naming ``opset_version`` outside 18..23 (the exporter starts at 18,
+    onnxscript 0.7 ends at 23).
+    """
+    if not isinstance(opset_version, int) or isinstance(opset_version, bool) or opset_version not in _OPSETS:
+        raise ValueError(f"opset_version must be an int in [{_OPSETS.start}, {_OPSETS.stop - 1}], "
+                         f"got opset_version={opset_version!r}")
+    return getattr(onnxscript, f"opset{opset_version}")
+
+
 def _translation(opset_version: int, decompose: bool) -> Callable:
-    op = getattr(onnxscript, f"opset{opset_version}")
+    op = onnxscript_opset(opset_version)
 
     def dcn_plugin_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, transposed,
                                output_padding, groups):
@@ -225,9 +238,6 @@ def onnx_translation_table(opset_version: int = DEFAULT_OPSET, *, decompose: boo
         decompose: export 1d and 2d through the standard-op decomposition instead of ``DeformConv``
             (for runtimes without ``DeformConv``; slower).
     """
-    if not isinstance(opset_version, int) or opset_version not in _OPSETS:
-        raise ValueError(f"opset_version must be an int in [{_OPSETS.start}, {_OPSETS.stop - 1}], "
-                         f"got opset_version={opset_version!r}")
     require_ops()
     return {torch.ops.dcn_plugin.deform_conv.default: _translation(opset_version, bool(decompose))}
 
