@@ -21,6 +21,7 @@ the numerics of the network and of the NMS.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -102,7 +103,9 @@ def export_detector(detector: nn.Module, inputs: Tensor, img_shapes: Tensor, sca
         raise ValueError(f"export_detector: a dynamic batch needs an example batch of at least 2 images, got "
                          f"inputs of shape {tuple(inputs.shape)}")
     wrapper = DetectorExport(detector).eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The three inputs share the batch axis; the exporter notes that it names it once.
+        warnings.filterwarnings("ignore", message=r".*axis name: batch will not be used.*")
         return export_onnx(wrapper, (inputs, img_shapes, scale_factors), path, opset_version=opset_version,
                            custom_translation_table=nms_translation_table(opset_version),
                            dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_shape),
