@@ -180,6 +180,7 @@ def test_export_tool_check_and_test_py_on_the_onnx_model(tmp_path):
                       r"px, scores (\S+); images with different detection counts: 0", out, re.S)
     assert check and int(check[1]) >= 4 * 50 and float(check[2]) <= 1e-3 and float(check[3]) <= 1e-5, out
     assert re.search(r"latency per image: PyTorch eager [\d.]+ ms, onnxruntime [\d.]+ ms", out), out
+    assert not osp.exists(f"{onnx_file}.data")  # one self-contained file
 
     metrics, predictions = {}, {}
     for name, model in (("pytorch", checkpoint), ("onnxruntime", onnx_file)):

@@ -94,10 +94,6 @@ class Geometry:
         return math.prod(self.kernel)
 
     @property
-    def sampled_channels(self) -> int:
-        return self.out_channels if self.transposed else self.in_channels
-
-    @property
     def sample_groups(self) -> int:
         """Groups of sampled channels with one offset and one mask: ``lcm`` of the present ones."""
         return math.lcm(self.offset_groups or 1, self.mask_groups or 1)

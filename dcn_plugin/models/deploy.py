@@ -85,7 +85,7 @@ def _dynamic_shapes(dynamic_batch: bool, dynamic_shape: bool):
 
 def export_detector(detector: nn.Module, inputs: Tensor, img_shapes: Tensor, scale_factors: Tensor,
                     path: str | None = None, *, opset_version: int | None = None, dynamic_batch: bool = False,
-                    dynamic_shape: bool = False):
+                    dynamic_shape: bool = False, external_data: bool = False):
     """Exports ``DetectorExport(detector)`` to ONNX; returns the ``torch.onnx.ONNXProgram``.
 
     Args:
@@ -95,6 +95,8 @@ def export_detector(detector: nn.Module, inputs: Tensor, img_shapes: Tensor, sca
         path: where to save the model (None: only return the program).
         opset_version: ONNX opset (default: ``dcn_plugin.export.DEFAULT_OPSET``).
         dynamic_batch: any batch size; dynamic_shape: any batch size and input size too.
+        external_data: write the weights to ``path + '.data'`` (needed past protobuf's 2 GB) instead
+            of into the one file.
     """
     from ..export import DEFAULT_OPSET, export_onnx
 
@@ -109,7 +111,8 @@ def export_detector(detector: nn.Module, inputs: Tensor, img_shapes: Tensor, sca
         return export_onnx(wrapper, (inputs, img_shapes, scale_factors), path, opset_version=opset_version,
                            custom_translation_table=nms_translation_table(opset_version),
                            dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_shape),
-                           input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES))
+                           input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                           external_data=external_data)
 
 
 @MODELS.register_module()
