@@ -65,7 +65,7 @@ def build_detector(cfg: Config, checkpoint: str) -> torch.nn.Module:
     return model.eval()
 
 
-def test_batches(cfg: Config, model, num_images: int, batch_size: int) -> list[tuple]:
+def load_batches(cfg: Config, model, num_images: int, batch_size: int) -> list[tuple]:
     """The first ``num_images`` images of the test split as ``(inputs, img_shapes, scale_factors)``
     batches of ``batch_size``, through the model's data preprocessor."""
     from mmengine.dataset import pseudo_collate
@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
         cfg.merge_from_dict(args.cfg_options)
     model = build_detector(cfg, args.checkpoint)
     dynamic = args.dynamic_batch or args.dynamic_shape
-    batches = test_batches(cfg, model, max(args.num_images, 2 if dynamic else 1), args.batch_size)
+    batches = load_batches(cfg, model, max(args.num_images, 2 if dynamic else 1), args.batch_size)
     example = batches[0] if batches[0][0].shape[0] >= 2 or not dynamic else \
         tuple(torch.cat(parts) for parts in zip(batches[0], batches[1], strict=True))
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
