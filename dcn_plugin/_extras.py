@@ -5,7 +5,9 @@ The rooms of the package and what each needs (pyproject's extras name the pip pa
 - ``dcn_plugin.ops``: torch only;
 - ``dcn_plugin.layers``, ``dcn_plugin.registry``: mmengine;
 - the detector (``dcn_plugin.models``, ``datasets``, ``evaluation``, ``tools/``): the ``mmlab``
-  extra, i.e. mmcv (mmcv-lite or mmcv-full), OpenCV and pycocotools.
+  extra, i.e. mmcv (mmcv-lite or mmcv-full), OpenCV and pycocotools;
+- ``dcn_plugin.export`` (ONNX export): the ``deploy`` extra, i.e. onnx and onnxscript, plus
+  onnxruntime to run the exported models.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Sequence
 
-__all__ = ["DETECTOR_MODULES", "installed", "require"]
+__all__ = ["DEPLOY_MODULES", "DETECTOR_MODULES", "installed", "require"]
 
 # Module name -> what to pip install for it.
 _PIP_NAMES = {
@@ -21,8 +23,12 @@ _PIP_NAMES = {
     "mmcv": "mmcv-lite (or mmcv-full)",
     "cv2": "opencv-python",
     "pycocotools": "pycocotools",
+    "onnx": "onnx",
+    "onnxscript": "onnxscript",
+    "onnxruntime": "onnxruntime",
 }
 DETECTOR_MODULES = ("mmcv", "cv2", "pycocotools")
+DEPLOY_MODULES = ("onnx", "onnxscript")
 
 
 def installed(module: str) -> bool:

@@ -14,15 +14,22 @@ preprocessor, ``pad_shape`` and ``batch_input_shape`` (h, w).
 
 ``label_categories`` is the one rule, shared by ``CocoDataset`` and ``CocoMetric``, that maps
 labels to COCO categories.
+
+A batch of detections in fixed-size tensors (what a head's batched ``detect`` and the exported ONNX
+detector return) takes the metainfo as tensors (``batch_geometry``) and gives per-image
+``InstanceData`` back (``instances_from_batch``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import torch
 from mmengine.structures import BaseDataElement, InstanceData
+from torch import Tensor
 
-__all__ = ["DetDataSample", "InstanceData", "label_categories"]
+__all__ = ["DetDataSample", "InstanceData", "batch_geometry", "instances_from_batch", "label_categories"]
 
 
 def label_categories(categories: Sequence[dict], classes: Sequence[str]) -> tuple[list[int], list[str], bool]:
@@ -82,3 +89,32 @@ class DetDataSample(BaseDataElement):
     @pred_instances.deleter
     def pred_instances(self) -> None:
         del self._pred_instances
+
+
+def batch_geometry(metainfos: Sequence[dict], rescale: bool = True, device=None) -> tuple[Tensor, Tensor]:
+    """Each image's ``img_shape`` and ``scale_factor`` as tensors.
+
+    Returns:
+        ``img_shapes`` (B, 2) float32 ``(h, w)``, inf where a metainfo has none (no clipping), and
+        ``scale_factors`` (B, 2) float32 ``(w_scale, h_scale)``, ones where a metainfo has none or
+        ``rescale`` is False (boxes stay in network-input pixels).
+    """
+    shapes = [tuple(meta.get("img_shape", (math.inf, math.inf)))[:2] for meta in metainfos]
+    factors = [tuple(meta["scale_factor"])[:2] if rescale and "scale_factor" in meta else (1.0, 1.0)
+               for meta in metainfos]
+    return (torch.tensor(shapes, dtype=torch.float32, device=device).reshape(-1, 2),
+            torch.tensor(factors, dtype=torch.float32, device=device).reshape(-1, 2))
+
+
+def instances_from_batch(boxes: Tensor, scores: Tensor, labels: Tensor) -> list[InstanceData]:
+    """Per image, ``InstanceData(bboxes, scores, labels)`` of the rows whose label is not -1.
+
+    Args:
+        boxes: (B, D, 4); scores: (B, D); labels: (B, D) int, -1 in rows that hold no detection.
+    """
+    instances = []
+    for image_boxes, image_scores, image_labels in zip(boxes, scores, labels, strict=True):
+        keep = image_labels >= 0
+        instances.append(InstanceData(bboxes=image_boxes[keep], scores=image_scores[keep],
+                                      labels=image_labels[keep].long()))
+    return instances

@@ -9,6 +9,9 @@ _INSTALL = {
     "mmcv": "pip install mmcv-lite (the mmlab extra)",
     "cv2": "pip install opencv-python (the mmlab extra)",
     "pycocotools": "pip install pycocotools (the mmlab extra)",
+    "onnx": "pip install onnx (the deploy extra)",
+    "onnxscript": "pip install onnxscript (the deploy extra)",
+    "onnxruntime": "pip install onnxruntime==1.32.0 (the deploy extra)",
 }
 
 
@@ -24,3 +27,8 @@ def require(*modules: str) -> None:
 def require_detector() -> None:
     """The detector's rooms need mmengine plus the mmlab extra."""
     require("mmengine", "mmcv.cnn", "cv2", "pycocotools")
+
+
+def require_deploy() -> None:
+    """ONNX export and onnxruntime: the deploy extra."""
+    require("onnx", "onnxscript", "onnxruntime")

@@ -129,3 +129,37 @@ def test_everything_imports_the_detector():
         print('DETECTOR OK')
     """)
     assert "DETECTOR OK" in out
+
+
+DEPLOY = ("onnx", "onnxscript", "onnxruntime")
+
+
+def test_the_package_and_the_detector_never_import_the_deploy_extra():
+    out = _ok((), """
+        import sys
+        import dcn_plugin, dcn_plugin.models
+        loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxscript', 'onnxruntime'))
+        print('LOADED', loaded)
+    """)
+    assert "LOADED []" in out
+
+
+def test_without_the_deploy_extra_export_names_it():
+    blocked = INSTALLS["everything"] + DEPLOY
+    out = _ok(blocked, """
+        import dcn_plugin, dcn_plugin.models  # both work without it
+        try:
+            import dcn_plugin.export
+        except ImportError as exc:
+            print('IMPORT ERROR:', exc)
+    """)
+    assert "dcn_plugin.export needs onnx, onnxscript, which is not installed" in out
+    assert "pip install 'dcn_plugin[deploy]'" in out
+    out = _ok(("onnxruntime",), """
+        from dcn_plugin.export import inference_session
+        try:
+            inference_session(b'')
+        except ImportError as exc:
+            print('IMPORT ERROR:', exc)
+    """)
+    assert "needs onnxruntime" in out and "pip install 'dcn_plugin[deploy]'" in out

@@ -14,6 +14,8 @@ python -m pip install -q "setuptools>=64" wheel ninja numpy pytest hypothesis ru
 # OpenMMLab side: mmengine plus the pure-Python mmcv (no compiled ops, no torch of its own), and
 # pycocotools for COCO mAP.
 python -m pip install -q mmengine==0.10.7 mmcv-lite==2.2.0 pycocotools
+# Deployment (the deploy extra): ONNX export and onnxruntime, exact pins (none of them pulls torch).
+python -m pip install -q onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
 MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation --no-deps -e .
 python -c "import dcn_plugin; assert dcn_plugin.has_ops(); print('dcn_plugin', dcn_plugin.__version__, \
 'built against torch', __import__('torch').__version__, '| CUDA kernels:', dcn_plugin.with_cuda())"

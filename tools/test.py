@@ -1,6 +1,11 @@
 """Evaluate a trained detector: checkpoint -> COCO metrics (mmdetection's ``tools/test.py``).
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out results.pkl]
+    python tools/test.py CONFIG MODEL.onnx            # the exported model, in onnxruntime
+
+An ``.onnx`` file (written by ``tools/deploy/export_onnx.py``) is evaluated in onnxruntime through
+``dcn_plugin.models.deploy.ONNXRuntimeDetector``, with the config's data pipeline, preprocessor
+and metric, so its metrics compare directly with the PyTorch model's.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from dcn_plugin.engine import add_run_arguments, load_config, mmengine_safe_load
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Test (and evaluate) a detector")
     parser.add_argument("config", help="test config file path")
-    parser.add_argument("checkpoint", help="checkpoint file")
+    parser.add_argument("checkpoint", help="checkpoint file (.pth), or an exported ONNX model (.onnx)")
+    parser.add_argument("--backend", choices=["pytorch", "onnxruntime"],
+                        help="how to run the model (default: onnxruntime for a .onnx file, else pytorch)")
     parser.add_argument("--out", help="dump the predictions to this pickle file")
     add_run_arguments(parser)
     return parser.parse_args(argv)
@@ -27,7 +34,12 @@ def main(argv=None) -> dict:
     if not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint: no such file {args.checkpoint!r}")
     cfg = load_config(args)
-    cfg.load_from = args.checkpoint
+    backend = args.backend or ("onnxruntime" if args.checkpoint.endswith(".onnx") else "pytorch")
+    if backend == "onnxruntime":
+        cfg.model = dict(type="dcn_plugin.ONNXRuntimeDetector", onnx_file=args.checkpoint,
+                         data_preprocessor=cfg.model.get("data_preprocessor"))
+    else:
+        cfg.load_from = args.checkpoint
     runner = Runner.from_cfg(cfg)
     if args.out is not None:
         if not args.out.endswith((".pkl", ".pickle")):

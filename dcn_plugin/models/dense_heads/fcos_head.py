@@ -17,7 +17,8 @@ from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
 from ...registry import MODELS
-from ..bbox import batched_nms, distance2bbox
+from ...structures import batch_geometry, instances_from_batch
+from ..bbox import clip_boxes, distance2bbox
 
 __all__ = ["FCOSHead"]
 
@@ -55,7 +56,7 @@ class FCOSHead(BaseModule):
         centerness_on_reg: centerness from the regression tower instead of the classification one.
         loss_cls / loss_bbox / loss_centerness: loss configs.
         test_cfg: ``nms_pre``, ``score_thr``, ``nms=dict(iou_threshold=...)``, ``max_per_img``,
-            ``min_bbox_size``.
+            ``min_bbox_size`` (see :meth:`detect`).
     """
 
     def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256,
@@ -273,47 +274,79 @@ class FCOSHead(BaseModule):
     @torch.no_grad()
     def predict_by_feat(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], centernesses: list[Tensor],
                         img_metas: list[dict], rescale: bool = True) -> list[InstanceData]:
-        """Per image: ``InstanceData(bboxes (K, 4), scores (K,), labels (K,))``.
+        """Per image: ``InstanceData(bboxes (K, 4), scores (K,), labels (K,))``, by decreasing score.
 
         Boxes are in the original image's pixels when ``rescale`` (``img_shape`` pixels otherwise).
         """
-        cfg = self.test_cfg
+        img_shapes, scale_factors = batch_geometry(img_metas, rescale, cls_scores[0].device)
+        detections = self.detect(cls_scores, bbox_preds, centernesses, img_shapes, scale_factors)
+        return instances_from_batch(*detections)
+
+    def detect(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], centernesses: list[Tensor],
+               img_shapes: Tensor, scale_factors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Decoding and class-aware NMS of a batch, in tensors of fixed size (what ONNX export traces).
+
+        Per level, the ``nms_pre`` best (location, class) pairs above ``score_thr`` are decoded into
+        boxes clipped to the image and scored ``sigmoid(cls) * sigmoid(centerness)``; the boxes are
+        divided by the scale factor, those not wider and taller than ``min_bbox_size`` dropped, and
+        the best ``max_per_img`` that survive NMS (``torch.ops.dcn_plugin.multiclass_nms``) kept.
+
+        Args:
+            cls_scores, bbox_preds, centernesses: the head's outputs, per level (B, *, H, W).
+            img_shapes: (B, 2) ``(h, w)`` of each image inside the padded input; boxes are clipped to it.
+            scale_factors: (B, 2) ``(w_scale, h_scale)`` of each image from its original.
+
+        Returns:
+            ``boxes`` (B, D, 4), ``scores`` (B, D), ``labels`` (B, D) int64, by decreasing score; rows
+            past an image's detections hold zero boxes, score -1 and label -1.
+        """
         sizes = [tuple(score.shape[-2:]) for score in cls_scores]
         points = self.points(sizes, cls_scores[0].device)
-        results = []
-        for b, meta in enumerate(img_metas):
-            boxes, scores, labels = [], [], []
-            for level, level_points in enumerate(points):
-                cls = cls_scores[level][b].permute(1, 2, 0).reshape(-1, self.num_classes).float().sigmoid()
-                dist = bbox_preds[level][b].permute(1, 2, 0).reshape(-1, 4).float()
-                centerness = centernesses[level][b].reshape(-1).float().sigmoid()
-                # Keep the nms_pre best (location, class) pairs above score_thr, then weight by centerness.
-                candidates = (cls > cfg.get("score_thr", 0.0)).nonzero()
-                candidate_scores = cls[candidates[:, 0], candidates[:, 1]]
-                nms_pre = cfg.get("nms_pre", -1)
-                if 0 < nms_pre < candidate_scores.numel():
-                    candidate_scores, top = candidate_scores.topk(nms_pre)
-                    candidates = candidates[top]
-                location, label = candidates[:, 0], candidates[:, 1]
-                boxes.append(distance2bbox(level_points[location], dist[location], meta.get("img_shape")))
-                scores.append(candidate_scores * centerness[location])
-                labels.append(label)
-            results.append(self._postprocess(torch.cat(boxes), torch.cat(scores), torch.cat(labels), meta,
-                                             rescale))
-        return results
-
-    def _postprocess(self, boxes: Tensor, scores: Tensor, labels: Tensor, meta: dict,
-                     rescale: bool) -> InstanceData:
-        cfg = self.test_cfg
-        if rescale and "scale_factor" in meta:
-            boxes = boxes / boxes.new_tensor(meta["scale_factor"]).repeat(2)
-        min_size = cfg.get("min_bbox_size", 0)
+        candidates = [self._level_candidates(*level, img_shapes)
+                      for level in zip(cls_scores, bbox_preds, centernesses, points, strict=True)]
+        boxes, scores, labels = (torch.cat(parts, 1) for parts in zip(*candidates, strict=True))
+        boxes = boxes / scale_factors.to(boxes).repeat(1, 2)[:, None, :]
+        min_size = self.test_cfg.get("min_bbox_size", 0)
         if min_size > 0:
-            keep = ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        nms_cfg = cfg.get("nms", dict(iou_threshold=0.5))
-        dets, keep = batched_nms(boxes, scores, labels, nms_cfg.get("iou_threshold", 0.5),
-                                 cfg.get("max_per_img", -1))
-        return InstanceData(bboxes=dets[:, :4], scores=dets[:, 4], labels=labels[keep])
+            width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+            scores = torch.where((width > min_size) & (height > min_size), scores, -1.0)
+        return self._nms(boxes, scores, labels)
 
+    def _level_candidates(self, cls_score: Tensor, bbox_pred: Tensor, centerness: Tensor, points: Tensor,
+                          img_shapes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One level's candidates: boxes (B, k, 4), scores (B, k) (-1: none), labels (B, k)."""
+        batch = cls_score.shape[0]
+        cls = cls_score.permute(0, 2, 3, 1).reshape(batch, -1).float().sigmoid()  # (B, H*W*C)
+        dist = bbox_pred.permute(0, 2, 3, 1).reshape(batch, -1, 4).float()
+        centerness = centerness.reshape(batch, -1).float().sigmoid()
+        cls = torch.where(cls > self.test_cfg.get("score_thr", 0.0), cls, -1.0)
+        nms_pre = self.test_cfg.get("nms_pre", -1)
+        if nms_pre > 0:
+            # Padded, so that k = nms_pre is valid however small the level is.
+            top, index = torch.cat([cls, cls.new_full((batch, nms_pre), -1.0)], 1).topk(nms_pre, dim=1)
+            index = index.clamp(max=cls.shape[1] - 1)
+        else:
+            top, index = cls.sort(dim=1, descending=True)
+        location, label = index // self.num_classes, index % self.num_classes
+        boxes = distance2bbox(points[location], dist.gather(1, location[..., None].expand(-1, -1, 4)))
+        scores = torch.where(top >= 0, top * centerness.gather(1, location), -1.0)
+        return clip_boxes(boxes, img_shapes), scores, label
 
+    def _nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Class-aware NMS of candidates (B, M) (score -1: none), then the ``max_per_img`` best."""
+        cfg = self.test_cfg
+        classes = torch.arange(self.num_classes, device=labels.device)
+        class_scores = torch.where(labels[:, None, :] == classes[:, None], scores[:, None, :], -1.0)
+        max_num = cfg.get("max_per_img", -1)
+        iou_threshold = cfg.get("nms", dict(iou_threshold=0.5)).get("iou_threshold", 0.5)
+        # Candidates score >= 0, placeholders -1: a threshold between keeps exactly the candidates.
+        per_class = max_num if max_num >= 0 else 2**31 - 1
+        keep = torch.ops.dcn_plugin.multiclass_nms(boxes, class_scores, per_class, iou_threshold, -0.5)
+        image, box = keep[:, 0], keep[:, 2]
+        kept = torch.full_like(scores, -1.0).index_put((image, box), scores[image, box])
+        top, order = kept.sort(dim=1, descending=True)
+        if max_num >= 0:
+            top, order = top[:, :max_num], order[:, :max_num]
+        found = top >= 0
+        boxes = torch.where(found[..., None], boxes.gather(1, order[..., None].expand(-1, -1, 4)), 0.0)
+        return boxes, top, torch.where(found, labels.gather(1, order), -1)
