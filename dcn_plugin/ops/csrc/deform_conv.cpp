@@ -242,6 +242,12 @@ void sample_in_chunks(const SamplingKernels& kernels, SamplePass& pass, int64_t 
   }
 }
 
+void check_grad_output(const Problem& p, const at::Tensor& input, const at::Tensor& grad_output) {
+  check_same(input, grad_output, "grad_output");
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(p.output_shape), "deform_conv_backward: grad_output has shape ",
+              shape_str(grad_output.sizes()), " but the output has shape ", shape_str(p.output_shape));
+}
+
 at::Tensor per_image(const std::optional<at::Tensor>& t, int64_t b, at::ScalarType dtype, int64_t points) {
   if (!t) return at::Tensor();
   return (*t)[b].to(dtype).contiguous().view({-1, points});
@@ -363,9 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   const Problem p = describe(input_, weight, offset, mask, std::nullopt, stride, padding, dilation, transposed,
                              output_padding, groups);
   const Geometry& g = p.geometry;
-  check_same(input_, grad_output_, "grad_output");
-  TORCH_CHECK(grad_output_.sizes() == at::IntArrayRef(p.output_shape), "deform_conv_backward: grad_output has shape ",
-              shape_str(grad_output_.sizes()), " but the output has shape ", shape_str(p.output_shape));
+  check_grad_output(p, input_, grad_output_);
   const at::Tensor input = input_.contiguous();
   const at::Tensor grad_output = grad_output_.contiguous();
   const bool need_input = output_mask[0];
@@ -506,6 +510,17 @@ int64_t compiled_cuda_version() {
 #endif
 }
 
+// The argument checks of both ops, for kernels that live outside C++ (the Triton kernels check
+// their arguments with this before anything else). grad_output is checked when given.
+void check_arguments(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
+                     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                     at::IntArrayRef output_padding, int64_t groups, const std::optional<at::Tensor>& grad_output) {
+  const Problem p =
+      describe(input, weight, offset, mask, bias, stride, padding, dilation, transposed, output_padding, groups);
+  if (grad_output) check_grad_output(p, input, *grad_output);
+}
+
 int64_t set_workspace_limit(int64_t bytes) {
   TORCH_CHECK(bytes > 0, "set_workspace_limit: bytes must be positive, got ", bytes);
   return g_workspace_limit.exchange(bytes);
@@ -523,7 +538,12 @@ TORCH_LIBRARY(dcn_plugin, m) {
       "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("_with_cuda() -> bool", &compiled_with_cuda);
   m.def("_cuda_version() -> int", &compiled_cuda_version);
+  m.def(
+      "_check_arguments(Tensor input, Tensor weight, Tensor? offset, Tensor? mask, Tensor? bias, int[] stride, "
+      "int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups, Tensor? grad_output) -> ()",
+      &check_arguments);
   m.def("_set_workspace_limit(int bytes) -> int", &set_workspace_limit);
+  m.def("_workspace_limit() -> int", &workspace_limit);
 }
 
 }  // namespace dcn_plugin
