@@ -8,11 +8,11 @@ also registers the OpenMMLab layers of ``dcn_plugin.models``.
 import importlib.util as _importlib_util
 
 from . import ops
-from .ops import cuda_version, has_ops, with_cuda
+from .ops import has_ops, with_cuda
 
 __version__ = "0.1.0"
 
 if _importlib_util.find_spec("mmengine") is not None:
     from . import models  # noqa: F401,E402
 
-__all__ = ["ops", "has_ops", "with_cuda", "cuda_version", "__version__"]
+__all__ = ["ops", "has_ops", "with_cuda", "__version__"]

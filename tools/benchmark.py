@@ -30,6 +30,7 @@ import argparse
 import datetime
 import fnmatch
 import gc
+import importlib.metadata
 import inspect
 import json
 import math
@@ -504,7 +505,7 @@ def environment(s: Settings, threads: int) -> Dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "dcn_plugin": dcn_plugin.__version__,
-        "dcn_plugin_cuda": _dcn_plugin_cuda(),
+        "triton": _triton_version(),
         "threads": threads,
         "dtype": str(s.dtype).replace("torch.", "") + (" (autocast, float32 tensors)" if s.autocast else ""),
         "python": platform.python_version(),
@@ -512,12 +513,12 @@ def environment(s: Settings, threads: int) -> Dict[str, Any]:
     }
 
 
-def _dcn_plugin_cuda() -> str:
-    """The CUDA version dcn_plugin was built with, as torch writes it (e.g. 12.8), or why none."""
-    if not dcn_plugin.ops.has_ops():
-        return "ops not built"
-    version = dcn_plugin.ops.cuda_version()
-    return "none (CPU-only build)" if version < 0 else f"{version // 1000}.{version % 1000 // 10}"
+def _triton_version() -> str:
+    """The installed triton's version (dcn_plugin's CUDA kernels are Triton kernels), or why none."""
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _cpu_model() -> str:

@@ -42,11 +42,6 @@ def with_cuda() -> bool:
     return _C is not None and torch.cuda.is_available() and _triton_error() is None
 
 
-def cuda_version() -> int:
-    """CUDA version the library was compiled with (e.g. 13000), or -1 without CUDA."""
-    return int(torch.ops.dcn_plugin._cuda_version()) if has_ops() else -1
-
-
 @functools.cache
 def _triton_error() -> Optional[ImportError]:
     """Why triton does not import (None when it does); imported only when asked, and once."""
