@@ -2,7 +2,9 @@
 """Benchmark dcn_plugin's deformable convolution against plain convolution and its peers.
 
 For a fixed list of cases (ResNet stage shapes, stride 2, depthwise, several offset groups, 1d,
-3d, transposed 2d) this program times, in one process and on the same inputs:
+3d, transposed 2d; with ``--device cuda``, by default the ``gpu-*`` cases: ResNet-50 DCNv2
+stages at batch 8, depthwise, 3d and transposed 2d at GPU sizes) this program times, in one
+process and on the same inputs:
 
 - ``dcn_plugin``: ``dcn_plugin.ops.deform_conv{N}d`` / ``deform_conv_transpose{N}d``;
 - ``F.conv*``: torch's own ``F.conv{N}d`` / ``F.conv_transpose{N}d`` of the same shape, without
@@ -146,6 +148,18 @@ CASES: List[Case] = [
     Case("3d", 1, 16, 16, (16, 16, 16), (3, 3, 3), padding=1),
     Case("t2d", 2, 64, 64, (32, 32), (4, 4), stride=2, padding=1, transposed=True),
 ]
+
+# The GPU cases (the default with --device cuda): ResNet-50 DCNv2 stages of a detector at batch 8
+# (offsets and mask, 3x3), and a depthwise, a 3d and a transposed 2d case of GPU size.
+GPU_CASES: List[Case] = [
+    Case("gpu-c3", 8, 128, 128, (100, 152), (3, 3), padding=1),
+    Case("gpu-c4", 8, 256, 256, (50, 76), (3, 3), padding=1),
+    Case("gpu-c5", 8, 512, 512, (25, 38), (3, 3), padding=1),
+    Case("gpu-dw", 8, 256, 256, (50, 76), (3, 3), padding=1, groups=256),
+    Case("gpu-3d", 2, 32, 32, (16, 48, 48), (3, 3, 3), padding=1),
+    Case("gpu-t2d", 8, 128, 64, (50, 76), (4, 4), stride=2, padding=1, transposed=True),
+]
+ALL_CASES = CASES + GPU_CASES
 
 
 def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, offset_scale: float,
@@ -627,7 +641,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="float32 tensors, forward under torch.autocast(dtype=--dtype), as in training")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     parser.add_argument("--cases", default=None,
-                        help="comma-separated case names or globs (default: all; see --list)")
+                        help="comma-separated case names or globs (default: the gpu-* cases with --device "
+                             "cuda, all others on the CPU; see --list)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up calls per measurement (default 2)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -658,25 +673,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def select_cases(spec: Optional[str]) -> List[Case]:
+def select_cases(spec: Optional[str], device: str = "cpu") -> List[Case]:
+    """The cases named by ``spec`` (names or globs, e.g. ``gpu-*``); by default the GPU cases on
+    CUDA and the others on the CPU."""
     if not spec:
-        return list(CASES)
+        return list(GPU_CASES if device == "cuda" else CASES)
     patterns = [p.strip() for p in spec.split(",") if p.strip()]
-    unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(c.name, p) for c in CASES)]
+    unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(c.name, p) for c in ALL_CASES)]
     if unknown:
-        raise SystemExit(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(c.name for c in CASES)}")
-    return [c for c in CASES if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+        known = ", ".join(c.name for c in ALL_CASES)
+        raise SystemExit(f"unknown case(s) {', '.join(unknown)}; known: {known}")
+    return [c for c in ALL_CASES if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.list:
-        for case in CASES:
+        for case in ALL_CASES:
             print(f"{case.name:10s} {case.describe()}")
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cases = select_cases(args.cases)
+    cases = select_cases(args.cases, args.device)
     settings = Settings(device=torch.device(args.device), dtype=DTYPES[args.dtype], autocast=args.autocast,
                         warmup=args.warmup, repeats=args.repeats, max_repeats=args.max_repeats,
                         min_time=args.min_time)
