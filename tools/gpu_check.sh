@@ -50,7 +50,9 @@ step() {
   else
     say "$name: FAILED (exit $rc, ${took}s); see $name.log"
   fi
-  tail -n 3 "$OUT/$name.log" | sed 's/^/    /'
+  # the summary line of pytest, or the last lines of anything else
+  { grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|error)" "$OUT/$name.log" || tail -n 3 "$OUT/$name.log"; } \
+    | tail -n 3 | sed 's/^/    /'
   return $rc
 }
 
@@ -100,10 +102,12 @@ EOF
   return 0
 }
 
+export -f environment install_missing
+STATUS=0
 say "writing to $OUT (budget ${BUDGET_S}s)"
-step env 30 environment
-step install 60 install_missing
-step build 180 env MAX_JOBS="$(nproc)" python setup.py build_ext --inplace || {
+step env 30 bash -c environment || STATUS=1
+step install 60 bash -c install_missing || STATUS=1
+step build 120 env MAX_JOBS="$(nproc)" python setup.py build_ext --inplace || {
   say "the build failed: nothing else can run"; exit 1; }
 
 if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -113,13 +117,12 @@ else
   say "no CUDA device here: skipping the tests on CUDA and the CUDA benchmarks (a dry run)"
 fi
 
-STATUS=0
-PYTEST=(python -m pytest -q -rfEs -p no:cacheprovider)
+PYTEST=(python -m pytest -rfEs -p no:cacheprovider)
 if (( GPU )); then
   # The Triton tests and the device comparisons first, then every other op test's CUDA parameters.
-  step tests-triton 170 "${PYTEST[@]}" -m cuda --junitxml="$OUT/tests-triton.xml" \
+  step tests-triton 150 "${PYTEST[@]}" -m cuda --junitxml="$OUT/tests-triton.xml" \
     tests/test_ops_triton.py tests/test_ops_cuda.py || STATUS=1
-  step tests-ops 150 "${PYTEST[@]}" -m cuda --junitxml="$OUT/tests-ops.xml" \
+  step tests-ops 100 "${PYTEST[@]}" -m cuda --junitxml="$OUT/tests-ops.xml" \
     tests/test_ops_reference.py tests/test_ops_properties.py tests/test_ops_errors.py \
     tests/test_ops_compile.py tests/test_ops_gradcheck.py tests/test_modules.py || STATUS=1
   BENCH=(python tools/benchmark.py --device cuda --no-reference --warmup 2 --repeats 5 --min-time 0.3)

@@ -10,8 +10,8 @@ by constexpr flags, so that a backward gathers each sample once:
   ``grad_columns``, summed over the channels of one tile in a fixed order and written as partial
   sums per tile (``partial``), which the driver adds up in a fixed order: deterministic.
 
-A program covers one kernel point, ``BLOCK_Q`` columns and ``BLOCK_C`` channels that share an
-offset group and a mask group. Columns are indices ``q = q0 + j`` into the flattened
+A program covers one kernel point, ``BLOCK_Q`` columns and a tile of ``BLOCK_C`` channels that
+share an offset group and a mask group. Columns are indices ``q = q0 + j`` into the flattened
 ``(batch, grid point)`` range, so a chunk may span several images (one matrix product for all of
 them). The sampling position and its corners are computed once per column and reused by every
 channel of the tile. Spatial extents are padded to 3 dims on the left (size 1); ``N`` (a
@@ -79,9 +79,12 @@ def sample_kernel(
     image ``(B, C, P)``, offset ``(B, offset_channels, L)``, mask ``(B, mask_channels, L)``,
     columns and grad_columns ``(C * K, column_stride)``, grad_image ``(B, C, P)`` in ``ACC``,
     partial ``(T, K, N + 1, width)`` in ``ACC``."""
-    j = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    # Programs along axis 0 run over the blocks of columns, then over the tiles of channels (CUDA
+    # allows 2^31 - 1 programs along axis 0, 65535 along the others); axis 1 is the kernel point.
+    column_blocks = tl.cdiv(width, BLOCK_Q)
+    tile = tl.program_id(0) // column_blocks
+    j = tl.program_id(0) % column_blocks * BLOCK_Q + tl.arange(0, BLOCK_Q)
     k = tl.program_id(1)
-    tile = tl.program_id(2)
     if WIDE:
         j = j.to(tl.int64)
         k = k.to(tl.int64)
@@ -274,7 +277,7 @@ def sample(launch: Launch) -> None:
     acc = tl.float64 if placeholder.dtype == torch.float64 else tl.float32  # float64 in, float64 sums
     column_stride = next((t.stride(0) for t in (launch.columns, launch.grad_columns) if t is not None), 0)
     block_c = block_channels(g)
-    grid = (triton.cdiv(launch.width, BLOCK_Q), g.kernel_points, partial_rows(g))
+    grid = (triton.cdiv(launch.width, BLOCK_Q) * partial_rows(g), g.kernel_points)
 
     def pointer(t):
         return placeholder if t is None else t
