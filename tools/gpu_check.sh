@@ -125,7 +125,7 @@ if (( GPU )); then
   step tests-ops 100 "${PYTEST[@]}" -m cuda --junitxml="$OUT/tests-ops.xml" \
     tests/test_ops_reference.py tests/test_ops_properties.py tests/test_ops_errors.py \
     tests/test_ops_compile.py tests/test_ops_gradcheck.py tests/test_modules.py || STATUS=1
-  BENCH=(python tools/benchmark.py --device cuda --no-reference --warmup 2 --repeats 5 --min-time 0.3)
+  BENCH=(python tools/benchmark.py --device cuda --repeats 5 --min-time 0.3)
   step bench-float32 60 "${BENCH[@]}" --markdown "$OUT/bench-cuda-float32.md" \
     --json "$OUT/bench-cuda-float32.json" || STATUS=1
   step bench-bfloat16-autocast 60 "${BENCH[@]}" --dtype bfloat16 --autocast \
