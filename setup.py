@@ -1,9 +1,9 @@
-"""Build script for dcn_plugin's compiled op library ``dcn_plugin._C``.
+"""Build script for dcn_plugin's compiled op library ``dcn_plugin._C`` (schemas and CPU kernels).
 
-The CUDA sources are compiled only with ``FORCE_CUDA=1`` (and a CUDA build of torch and nvcc):
-they compile cleanly (``tools/check_cuda_compile.py``, run by CI) but have not yet run on a GPU,
-so they are not built by default until the test suite has passed on one. Build without isolation
-so the torch that is already installed is used: ``pip install --no-build-isolation -e .``.
+There is nothing to compile for GPUs: the CUDA kernels are Triton kernels
+(``dcn_plugin/ops/triton/``), compiled at run time for the GPU they run on, so no CUDA toolkit is
+needed. Build without isolation so the torch that is already installed is used:
+``pip install --no-build-isolation -e .``.
 """
 
 import glob
@@ -12,8 +12,7 @@ import os
 from setuptools import find_packages, setup
 
 try:
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError as exc:  # pragma: no cover - explained to the user
     raise SystemExit(
         "dcn_plugin needs PyTorch installed before it is built; install torch first and "
@@ -24,36 +23,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("dcn_plugin", "ops", "csrc")
 
 
-def _want_cuda() -> bool:
-    if os.environ.get("FORCE_CUDA") != "1":
-        return False
-    if torch.version.cuda is None or CUDA_HOME is None:
-        raise SystemExit("FORCE_CUDA=1 needs a CUDA build of torch and the CUDA toolkit (nvcc, CUDA_HOME)")
-    return True
-
-
 def _extension():
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp" if os.name != "nt" else "/openmp"]
-    define_macros = []
-    cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
-    if cuda_sources and _want_cuda():
-        sources += cuda_sources
-        define_macros.append(("DCN_WITH_CUDA", None))
-        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
-        return CUDAExtension(
-            "dcn_plugin._C",
-            sources,
-            include_dirs=[os.path.join(ROOT, CSRC)],
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        )
     return CppExtension(
         "dcn_plugin._C",
         sources,
         include_dirs=[os.path.join(ROOT, CSRC)],
-        define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fopenmp" if os.name != "nt" else "/openmp"]},
         extra_link_args=["-fopenmp"] if os.name != "nt" else [],
     )
 

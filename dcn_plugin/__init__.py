@@ -12,11 +12,11 @@ Importing the package prints nothing.
 
 from . import ops
 from ._extras import installed as _installed
-from .ops import cuda_version, has_ops, with_cuda
+from .ops import has_ops, with_cuda
 
 __version__ = "0.1.0"
 
 if _installed("mmengine"):
     from . import layers  # noqa: F401
 
-__all__ = ["ops", "has_ops", "with_cuda", "cuda_version", "__version__"]
+__all__ = ["ops", "has_ops", "with_cuda", "__version__"]

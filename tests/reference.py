@@ -45,6 +45,7 @@ __all__ = [
     "reference_conv",
     "forward_backward",
     "relative_error",
+    "assert_low_precision_like_conv",
 ]
 
 
@@ -355,3 +356,46 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     if expected.numel() == 0:
         return 0.0
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def _cpu64(tensors: Dict[str, Optional[Tensor]]) -> Dict[str, Optional[Tensor]]:
+    return {k: None if t is None else t.detach().cpu().double() for k, t in tensors.items()}
+
+
+def _low_precision_errors(run, case: Case, dtype: torch.dtype, device: Union[str, torch.device]):
+    """Relative errors vs float64 of ``run`` (the op, by default through :func:`run_op`) and of plain
+    convolution in ``dtype``: ``{"output" | "input" | "weight": (op error, conv error)}``, the
+    last two for the gradients. Offset, mask and bias gradients, which have no conv counterpart,
+    are asserted to stay within 50 eps of the dtype.
+
+    Both see the same (rounded) values; the float64 oracles are the reference and ``F.conv*``.
+    """
+    low = {k: None if t is None else t.to(dtype) for k, t in make_tensors(case, device=device).items()}
+    exact = _cpu64(low)
+    out, grads = forward_backward(run, case, low)
+    expected, expected_grads = forward_backward(run_reference, case, exact)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values())
+    no_deform = {**low, "offset": None, "mask": None}
+    conv, conv_grads = forward_backward(reference_conv, case, no_deform)
+    conv_expected, conv_expected_grads = forward_backward(reference_conv, case, _cpu64(no_deform))
+    errors = {"output": (relative_error(out, expected), relative_error(conv, conv_expected))}
+    for name in ("input", "weight"):
+        errors[name] = (relative_error(grads[name], expected_grads[name]),
+                        relative_error(conv_grads[name], conv_expected_grads[name]))
+    for name in ("offset", "mask", "bias"):
+        if name in grads:
+            assert torch.isfinite(grads[name]).all(), name
+            # no conv counterpart: the error must stay at the dtype's scale
+            assert relative_error(grads[name], expected_grads[name]) < 50 * torch.finfo(dtype).eps, name
+    return errors
+
+
+def assert_low_precision_like_conv(run, case: Case, dtype: torch.dtype,
+                                   device: Union[str, torch.device]) -> None:
+    """In ``dtype`` (float16, bfloat16), ``run``'s output and input and weight gradients are at most
+    twice as far from float64 as plain convolution's in that dtype (see :func:`_low_precision_errors`)."""
+    floor = torch.finfo(dtype).eps / 8  # so that a near-zero conv error cannot make this flaky
+    for name, (error, conv_error) in _low_precision_errors(run, case, dtype, device).items():
+        assert error <= 2 * max(conv_error, floor), (
+            f"{name}: relative error {error:.3g} vs {conv_error:.3g} for plain convolution in {dtype}"
+        )

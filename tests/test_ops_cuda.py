@@ -1,8 +1,9 @@
-"""What only a GPU can check: CPU and CUDA agree, torchvision's ``deform_conv2d`` agrees, indices past
-2^31 elements, and half types computed natively. Every other op test runs on CUDA too, through the
-``device`` fixture; these are the checks that compare devices or need GPU memory.
+"""What only a GPU can check: CPU (C++) and CUDA (Triton) agree, torchvision's ``deform_conv2d``
+agrees, indices past 2^31 elements, and half types. Every other op test runs on CUDA too, through
+the ``device`` fixture, and ``test_ops_triton.py`` runs the Triton kernels' own tests on CUDA; these
+are the checks that compare devices or need GPU memory.
 
-Skipped without a GPU and a CUDA build (``torchvision`` tests also run on the CPU where it is installed).
+Skipped without a GPU and triton (``torchvision`` tests also run on the CPU where it is installed).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def test_cpu_and_cuda_agree(cuda_device, name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_half_types_run_natively(cuda_device, dtype):
+def test_half_types(cuda_device, dtype):
     """Outputs and gradients come back in the half dtype, close to the float32 result."""
     case = CASES["2d"]
     full = make_tensors(case, dtype=torch.float32, device=cuda_device)

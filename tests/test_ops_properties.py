@@ -9,9 +9,9 @@ import pytest
 import torch
 from reference import (
     Case,
+    assert_low_precision_like_conv,
     forward_backward,
     make_tensors,
-    reference_conv,
     relative_error,
     run_op,
     run_reference,
@@ -52,43 +52,13 @@ def assert_matches_reference(case, tensors, out=None, grads=None):
 # fp16 / bf16: at most twice the error that plain convolution makes in that dtype.
 
 
-def _low_precision_errors(case: Case, dtype: torch.dtype, device: str):
-    """Relative errors vs float64 of (op, conv) outputs and of their input and weight gradients.
-
-    Both see the same (rounded) values; the float64 oracles are the reference and ``F.conv*``.
-    """
-    low = {k: None if t is None else t.to(dtype) for k, t in make_tensors(case, device=device).items()}
-    exact = _cpu64(low)
-    out, grads = forward_backward(run_op, case, low)
-    expected, expected_grads = forward_backward(run_reference, case, exact)
-    assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values())
-    no_deform = {**low, "offset": None, "mask": None}
-    conv, conv_grads = forward_backward(lambda c, t: reference_conv(c, t), case, no_deform)
-    conv_expected, conv_expected_grads = forward_backward(lambda c, t: reference_conv(c, t), case,
-                                                          _cpu64(no_deform))
-    errors = {"output": (relative_error(out, expected), relative_error(conv, conv_expected))}
-    for name in ("input", "weight"):
-        errors[name] = (relative_error(grads[name], expected_grads[name]),
-                        relative_error(conv_grads[name], conv_expected_grads[name]))
-    for name in ("offset", "mask", "bias"):
-        if name in grads:
-            assert torch.isfinite(grads[name]).all(), name
-            # no conv counterpart: the error must stay at the dtype's scale
-            assert relative_error(grads[name], expected_grads[name]) < 50 * torch.finfo(dtype).eps, name
-    return errors
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("n, transposed", DIMS_TRANSPOSED, ids=IDS)
 def test_low_precision_error_at_most_twice_conv(device, dtype, n, transposed):
     size = {1: 64, 2: 12, 3: 6}[n]
     case = _case(n, transposed, batch=2, in_channels=16, out_channels=16, in_size=size, kernel=3,
                  offset_groups=2, mask_groups=2)
-    floor = torch.finfo(dtype).eps / 8  # so that a near-zero conv error cannot make this flaky
-    for name, (error, conv_error) in _low_precision_errors(case, dtype, device).items():
-        assert error <= 2 * max(conv_error, floor), (
-            f"{name}: relative error {error:.3g} vs {conv_error:.3g} for plain convolution in {dtype}"
-        )
+    assert_low_precision_like_conv(run_op, case, dtype, device)
 
 
 @pytest.mark.parametrize("n, transposed", DIMS_TRANSPOSED, ids=IDS)

@@ -27,6 +27,7 @@ import argparse
 import datetime
 import fnmatch
 import gc
+import importlib.metadata
 import json
 import math
 import platform
@@ -285,12 +286,20 @@ def _cpu_model() -> str:
                 platform.processor())
 
 
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def environment(args) -> Dict[str, str]:
     device = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_model()
     return {
         "device": f"{args.device}: {device}",
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
+        "triton": _version("triton"),
         "threads": str(torch.get_num_threads()),
         "dtype": args.dtype + (" (autocast, float32 tensors)" if args.autocast else ""),
         "date": datetime.date.today().isoformat(),

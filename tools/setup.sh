@@ -11,6 +11,12 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q "torch==${DCN_TORCH_VERSION:-2.13.0}"
 fi
 python -m pip install -q "setuptools>=64" wheel ninja numpy pytest hypothesis ruff
+# Triton, for the tests of the GPU kernels under its interpreter: only where none is importable
+# (torch's CUDA wheels bring their own, which must stay). triton 3.9 requires nothing but
+# importlib-metadata on Python < 3.10, so it cannot pull a torch.
+if ! python -c "import triton" >/dev/null 2>&1; then
+  python -m pip install -q "triton==3.9.0"
+fi
 # OpenMMLab side: mmengine plus the pure-Python mmcv (no compiled ops, no torch of its own), and
 # pycocotools for COCO mAP.
 python -m pip install -q mmengine==0.10.7 mmcv-lite==2.2.0 pycocotools
@@ -18,4 +24,4 @@ python -m pip install -q mmengine==0.10.7 mmcv-lite==2.2.0 pycocotools
 python -m pip install -q onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
 MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation --no-deps -e .
 python -c "import dcn_plugin; assert dcn_plugin.has_ops(); print('dcn_plugin', dcn_plugin.__version__, \
-'built against torch', __import__('torch').__version__, '| CUDA kernels:', dcn_plugin.with_cuda())"
+'built against torch', __import__('torch').__version__, '| runs on CUDA (Triton kernels):', dcn_plugin.with_cuda())"

@@ -5,7 +5,7 @@ Functional: ``deform_conv{1,2,3}d``, ``deform_conv_transpose{1,2,3}d``, ``mask_s
 ``PackedDeformConv{1,2,3}d``, ``PackedDeformConvTranspose{1,2,3}d``.
 """
 
-from ._library import cuda_version, has_ops, set_workspace_limit, with_cuda
+from ._library import has_ops, set_workspace_limit, with_cuda
 from .functional import (
     deform_conv,
     deform_conv1d,
@@ -38,7 +38,6 @@ from .modules import (
 __all__ = [
     "has_ops",
     "with_cuda",
-    "cuda_version",
     "set_workspace_limit",
     "deform_conv",
     "deform_conv1d",

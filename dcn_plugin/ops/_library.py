@@ -5,7 +5,8 @@ C++ (``csrc/deform_conv.cpp``), modelled on ``aten::convolution``: one op for 1d
 transposed convolution. Here, with ``torch.library``, we register for them:
 
 - fake (meta) kernels, so ``torch.compile`` and ``torch.export`` can trace the op;
-- autograd, through the backward op (which computes only the gradients that are needed).
+- autograd, through the backward op (which computes only the gradients that are needed);
+- the CUDA kernels: Triton kernels (``ops/triton/``), imported on the first call on a CUDA tensor.
 
 Autocast (the op runs in the autocast dtype, as ``conv2d`` does) is a C++ kernel
 (``csrc/autocast.cpp``).
@@ -13,6 +14,7 @@ Autocast (the op runs in the autocast dtype, as ``conv2d`` does) is a C++ kernel
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import List, Optional, Sequence
 
@@ -35,13 +37,23 @@ def has_ops() -> bool:
 
 
 def with_cuda() -> bool:
-    """Whether the compiled op library contains CUDA kernels."""
-    return _C is not None and bool(torch.ops.dcn_plugin._with_cuda())
+    """Whether the ops run on CUDA tensors here: torch sees a CUDA device (or a ROCm one), triton
+    imports (torch's CUDA wheels ship it) and the compiled op library (schemas) is loaded.
+
+    The CUDA kernels are Triton kernels, compiled at run time for the GPU they run on; nothing of
+    dcn_plugin is compiled for GPUs at install time.
+    """
+    return _C is not None and torch.cuda.is_available() and _triton_error() is None
 
 
-def cuda_version() -> int:
-    """CUDA version the library was compiled with (e.g. 13000), or -1 without CUDA."""
-    return int(torch.ops.dcn_plugin._cuda_version()) if has_ops() else -1
+@functools.cache
+def _triton_error() -> Optional[ImportError]:
+    """Why triton does not import (None when it does); imported only when asked, and once."""
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return exc
+    return None
 
 
 def require_ops() -> None:
@@ -138,3 +150,34 @@ if _C is not None:
     torch.library.register_autograd(
         "dcn_plugin::deform_conv_backward", _no_double_backward, setup_context=_backward_setup_context
     )
+
+    def _triton_driver():
+        """``dcn_plugin.ops.triton.driver``, imported on first use (it imports triton)."""
+        if _triton_error() is not None:
+            raise RuntimeError(
+                "dcn_plugin's CUDA kernels are Triton kernels, and triton does not import "
+                f"({_triton_error()!r}); install the triton that matches your torch (torch's CUDA "
+                "wheels depend on it, e.g. `pip install triton`)"
+            )
+        return importlib.import_module("dcn_plugin.ops.triton.driver")
+
+    # The Triton kernels are registered as the ops' CUDA kernels with `register_kernel`, not with
+    # `torch.library.triton_op`: triton_op defines a new op from a Python function (its schema
+    # inferred from type hints), and these ops' schemas live in C++ with the CPU kernels. So
+    # `torch.compile` treats the op as opaque on CUDA as on the CPU: it traces the fake kernel
+    # above and calls the op at run time, where the kernels launch directly (no `wrap_triton`,
+    # whose eager path goes through a higher-order op for nothing). Compiling into the kernels
+    # would take a FunctionalTensorMode rule that runs the driver under tracing, as triton_op
+    # does, which is not worth its risk before the kernels have run on a GPU.
+    @torch.library.register_kernel("dcn_plugin::deform_conv", "cuda")
+    def _deform_conv_cuda(input, weight, offset, mask, bias, stride, padding, dilation, transposed,
+                          output_padding, groups):
+        return _triton_driver().deform_conv(input, weight, offset, mask, bias, stride, padding, dilation,
+                                            transposed, output_padding, groups)
+
+    @torch.library.register_kernel("dcn_plugin::deform_conv_backward", "cuda")
+    def _deform_conv_backward_cuda(grad_output, input, weight, offset, mask, stride, padding, dilation,
+                                   transposed, output_padding, groups, output_mask):
+        return _triton_driver().deform_conv_backward(grad_output, input, weight, offset, mask, stride,
+                                                     padding, dilation, transposed, output_padding, groups,
+                                                     output_mask)

@@ -1,4 +1,5 @@
-// Schema, argument checks and the device-independent driver of dcn_plugin::deform_conv.
+// Schemas, argument checks and the CPU driver of dcn_plugin::deform_conv. (The CUDA kernels are
+// Triton kernels registered from Python, dcn_plugin/ops/triton/, which run the same checks first.)
 //
 // The driver turns the op into matrix products over columns (see deform_conv.h for the roles of
 // image and grid). With W viewed as (groups, C_grid / groups, C_image / groups * K):
@@ -17,10 +18,6 @@
 #include <atomic>
 #include <sstream>
 #include <vector>
-
-#ifdef DCN_WITH_CUDA
-#include <cuda.h>  // CUDA_VERSION
-#endif
 
 namespace dcn_plugin {
 namespace {
@@ -242,6 +239,12 @@ void sample_in_chunks(const SamplingKernels& kernels, SamplePass& pass, int64_t 
   }
 }
 
+void check_grad_output(const Problem& p, const at::Tensor& input, const at::Tensor& grad_output) {
+  check_same(input, grad_output, "grad_output");
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(p.output_shape), "deform_conv_backward: grad_output has shape ",
+              shape_str(grad_output.sizes()), " but the output has shape ", shape_str(p.output_shape));
+}
+
 at::Tensor per_image(const std::optional<at::Tensor>& t, int64_t b, at::ScalarType dtype, int64_t points) {
   if (!t) return at::Tensor();
   return (*t)[b].to(dtype).contiguous().view({-1, points});
@@ -263,9 +266,7 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
   at::Tensor out = at::empty(p.output_shape, input.options());
   const auto column_dtype = kernels.column_dtype(input.scalar_type());
   const auto column_options = input.options().dtype(column_dtype);
-  const auto accumulate_options = input.options().dtype(kernels.accumulate_dtype(column_dtype));
   const bool same_dtype = column_dtype == input.scalar_type();
-  const bool accumulate_in_output = accumulate_options.dtype() == input.dtype();
   const int64_t points = g.grid_points();
   const int64_t image_rows = p.image_channels * g.kernel_points();
   const int64_t rows_per_group = image_rows / groups;
@@ -276,10 +277,9 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
   const int64_t chunk = chunks.points;
   at::Tensor buffer =
       depthwise ? at::Tensor() : at::empty({image_rows * chunks.images * std::min(chunk, points)}, column_options);
-  // Output of one image that the pass accumulates into: `out[b]` or a buffer copied back at the end.
-  auto accumulator = [&](int64_t b) {
-    return accumulate_in_output ? out[b] : at::empty(out[b].sizes(), accumulate_options);
-  };
+  // Output of one image that the pass accumulates into: `out[b]`, or a buffer of the column dtype
+  // copied back at the end.
+  auto accumulator = [&](int64_t b) { return same_dtype ? out[b] : at::empty(out[b].sizes(), column_options); };
 
   if (depthwise) {
     for (int64_t b = 0; b < p.batch; ++b) {
@@ -296,7 +296,7 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
         pass.grad_image = dense_out.view(p.image_shape);
       }
       sample_in_chunks(kernels, pass, chunk, points);
-      if (!accumulate_in_output) out[b].copy_(dense_out);
+      if (!same_dtype) out[b].copy_(dense_out);
     }
   }
   for (int64_t b0 = 0; b0 < p.batch && !depthwise; b0 += chunks.images) {
@@ -345,7 +345,7 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
         }
       }
     }
-    for (int64_t i = 0; i < n && transposed && !accumulate_in_output; ++i) out[b0 + i].copy_(scattered[i]);
+    for (int64_t i = 0; i < n && transposed && !same_dtype; ++i) out[b0 + i].copy_(scattered[i]);
   }
   if (bias) {
     std::vector<int64_t> bias_shape(out.dim(), 1);
@@ -363,9 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   const Problem p = describe(input_, weight, offset, mask, std::nullopt, stride, padding, dilation, transposed,
                              output_padding, groups);
   const Geometry& g = p.geometry;
-  check_same(input_, grad_output_, "grad_output");
-  TORCH_CHECK(grad_output_.sizes() == at::IntArrayRef(p.output_shape), "deform_conv_backward: grad_output has shape ",
-              shape_str(grad_output_.sizes()), " but the output has shape ", shape_str(p.output_shape));
+  check_grad_output(p, input_, grad_output_);
   const at::Tensor input = input_.contiguous();
   const at::Tensor grad_output = grad_output_.contiguous();
   const bool need_input = output_mask[0];
@@ -380,9 +378,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   const auto dtype = input.scalar_type();
   const auto column_dtype = kernels.column_dtype(dtype);
   const auto column_options = input.options().dtype(column_dtype);
-  const auto accumulate_dtype = kernels.accumulate_dtype(column_dtype);
-  const auto accumulate_options = input.options().dtype(accumulate_dtype);
-  const bool accumulate_in_input = accumulate_dtype == dtype;
+  // Sums are made in the column dtype, straight into the gradients where that is their dtype.
+  const bool accumulate_in_input = column_dtype == dtype;
   const int64_t points = g.grid_points();
   const int64_t image_rows = p.image_channels * g.kernel_points();
   const int64_t rows_per_group = image_rows / groups;
@@ -394,9 +391,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   // Gradients that are not asked for come back as empty tensors (distinct ones: outputs never alias).
   at::Tensor grad_input = need_input ? at::empty_like(input) : input.new_empty({0});
   at::Tensor grad_weight =
-      need_weight ? at::zeros({groups, grid_per_group, rows_per_group}, accumulate_options) : input.new_empty({0});
-  at::Tensor grad_offset = need_offset ? at::zeros(offset->sizes(), accumulate_options) : input.new_empty({0});
-  at::Tensor grad_mask = need_mask ? at::zeros(mask->sizes(), accumulate_options) : input.new_empty({0});
+      need_weight ? at::zeros({groups, grid_per_group, rows_per_group}, column_options) : input.new_empty({0});
+  at::Tensor grad_offset = need_offset ? at::zeros(offset->sizes(), column_options) : input.new_empty({0});
+  at::Tensor grad_mask = need_mask ? at::zeros(mask->sizes(), column_options) : input.new_empty({0});
   if (!(need_input || need_weight || need_offset || need_mask)) return {grad_input, grad_weight, grad_offset, grad_mask};
 
   // Depthwise: the pass contracts columns with the weight itself (see SamplePass).
@@ -414,9 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   // column dtype (or, depthwise, a sum the pass accumulates).
   at::Tensor grad_dense;
   if (need_input && transposed) {
-    const auto grad_dense_dtype = depthwise ? accumulate_dtype : column_dtype;
-    grad_dense = grad_dense_dtype == dtype ? grad_input
-                                           : at::empty(grad_input.sizes(), input.options().dtype(grad_dense_dtype));
+    grad_dense = accumulate_in_input ? grad_input : at::empty(grad_input.sizes(), column_options);
   }
 
   for (int64_t b0 = 0; b0 < p.batch; b0 += depthwise ? 1 : chunks.images) {
@@ -432,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
       if (need_offset) pass.grad_offset = grad_offset[b].view({-1, points});
       if (need_mask) pass.grad_mask = grad_mask[b].view({-1, points});
       if (scatter_input) {
-        pass.grad_image = accumulate_in_input ? grad_input[b].zero_() : at::zeros(p.image_shape, accumulate_options);
+        pass.grad_image = accumulate_in_input ? grad_input[b].zero_() : at::zeros(p.image_shape, column_options);
       }
     }
     const at::Tensor dense = dense_source.narrow(0, b0, n).to(column_dtype).view({n, p.grid_channels, points});
@@ -466,11 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
       }
       if (need_columns) {
         const at::Tensor grouped = columns.view({groups, rows_per_group, width});
-        if (need_weight && accumulate_dtype == column_dtype) {
-          grad_weight.baddbmm_(dense_chunk, grouped.transpose(1, 2));
-        } else if (need_weight) {  // a wider accumulator than the product's dtype
-          grad_weight.add_(at::bmm(dense_chunk, grouped.transpose(1, 2)));
-        }
+        if (need_weight) grad_weight.baddbmm_(dense_chunk, grouped.transpose(1, 2));
         if (need_input && transposed) {
           copy_images_back(at::bmm(w, grouped),
                            grad_dense.narrow(0, b0, n).view({n, p.grid_channels, points}).narrow(2, first, count));
@@ -490,20 +481,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
 
 namespace {
 
-bool compiled_with_cuda() {
-#ifdef DCN_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
-int64_t compiled_cuda_version() {
-#ifdef DCN_WITH_CUDA
-  return CUDA_VERSION;
-#else
-  return -1;
-#endif
+// The argument checks of both ops, for kernels that live outside C++ (the Triton kernels check
+// their arguments with this before anything else). grad_output is checked when given.
+void check_arguments(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
+                     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                     at::IntArrayRef output_padding, int64_t groups, const std::optional<at::Tensor>& grad_output) {
+  const Problem p =
+      describe(input, weight, offset, mask, bias, stride, padding, dilation, transposed, output_padding, groups);
+  if (grad_output) check_grad_output(p, input, *grad_output);
 }
 
 int64_t set_workspace_limit(int64_t bytes) {
@@ -521,9 +507,12 @@ TORCH_LIBRARY(dcn_plugin, m) {
       "deform_conv_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? offset, Tensor? mask, "
       "int[] stride, int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups, "
       "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("_with_cuda() -> bool", &compiled_with_cuda);
-  m.def("_cuda_version() -> int", &compiled_cuda_version);
+  m.def(
+      "_check_arguments(Tensor input, Tensor weight, Tensor? offset, Tensor? mask, Tensor? bias, int[] stride, "
+      "int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups, Tensor? grad_output) -> ()",
+      &check_arguments);
   m.def("_set_workspace_limit(int bytes) -> int", &set_workspace_limit);
+  m.def("_workspace_limit() -> int", &workspace_limit);
 }
 
 }  // namespace dcn_plugin

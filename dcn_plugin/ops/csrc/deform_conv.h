@@ -1,6 +1,6 @@
-// The N-d deformable convolution op: geometry shared by every device, the three sampling
-// primitives each device implements, and the device-independent driver that builds forward and
-// backward from them and matrix products.
+// The N-d deformable convolution op on the CPU: its geometry, the sampling pass the CPU kernels
+// implement, and the driver that builds forward and backward from it and matrix products. (The
+// CUDA kernels are Triton kernels with the same algebra: dcn_plugin/ops/triton/.)
 //
 // Roles. Forward and transposed convolution are adjoints, so one vocabulary serves both:
 // - the *image* is the tensor that is sampled at deformed positions: the input of deformable
@@ -30,22 +30,20 @@ struct Geometry {
   int64_t offset_groups = 0;        // 0 when there is no offset
   int64_t mask_groups = 0;          // 0 when there is no mask
 
-  DCN_HOST_DEVICE int64_t kernel_points() const { return product(kernel_size); }
-  DCN_HOST_DEVICE int64_t grid_points() const { return product(grid_size); }
-  DCN_HOST_DEVICE int64_t image_points() const { return product(image_size); }
+  int64_t kernel_points() const { return product(kernel_size); }
+  int64_t grid_points() const { return product(grid_size); }
+  int64_t image_points() const { return product(image_size); }
 
  private:
-  DCN_HOST_DEVICE int64_t product(const int64_t* values) const {
+  int64_t product(const int64_t* values) const {
     int64_t p = 1;
     for (int64_t d = 0; d < dims; ++d) p *= values[d];
     return p;
   }
 };
 
-// One call of a device's sampling pass, over the grid points [first, first + count) of one image.
-// All tensors are contiguous; undefined tensors are not read or written. What the pass reads is of
-// the column dtype; what it accumulates into (grad_image, grad_offset, grad_mask, dense_out,
-// grad_depthwise_weight) is of the accumulation dtype, which is wider for half types on CUDA.
+// One call of the sampling pass, over the grid points [first, first + count) of one image. All
+// tensors are contiguous, of the column dtype; undefined tensors are not read or written.
 //   image:   (C_image, *image_size), the tensor that is sampled
 //   offset:  (offset_groups * K * N, L);  mask: (mask_groups * K, L)
 //   grad_columns: (C_image * K, count), d loss / d columns (or any columns to scatter)
@@ -82,15 +80,15 @@ struct SamplePass {
 };
 
 // A pass's tensors as raw pointers (null where undefined) and its extents, as kernels read them:
-// `scalar_t` is the column dtype, `acc_t` the accumulation dtype.
-template <typename scalar_t, typename acc_t>
+// `scalar_t` is the column dtype.
+template <typename scalar_t>
 struct PassData {
   int64_t K, points, image_points, first, count, column_stride;
   // Channels per offset group and per mask group (all channels where there are no offsets / masks).
   int64_t per_offset_group, per_mask_group;
   const scalar_t *image, *offset, *mask, *grad_columns, *depthwise_weight, *dense;
   scalar_t* columns;
-  acc_t *grad_image, *dense_out, *grad_depthwise_weight;
+  scalar_t *grad_image, *dense_out, *grad_depthwise_weight;
 
   explicit PassData(const SamplePass& pass)
       : K(pass.geometry.kernel_points()),
@@ -108,9 +106,9 @@ struct PassData {
         depthwise_weight(data_or_null<scalar_t>(pass.depthwise_weight)),
         dense(data_or_null<scalar_t>(pass.dense)),
         columns(data_or_null<scalar_t>(pass.columns)),
-        grad_image(data_or_null<acc_t>(pass.grad_image)),
-        dense_out(data_or_null<acc_t>(pass.dense_out)),
-        grad_depthwise_weight(data_or_null<acc_t>(pass.grad_depthwise_weight)) {}
+        grad_image(data_or_null<scalar_t>(pass.grad_image)),
+        dense_out(data_or_null<scalar_t>(pass.dense_out)),
+        grad_depthwise_weight(data_or_null<scalar_t>(pass.grad_depthwise_weight)) {}
 
  private:
   static int64_t per_group(const Geometry& g, int64_t groups) { return groups > 0 ? g.channels / groups : g.channels; }
@@ -122,7 +120,7 @@ struct PassData {
 };
 
 // Calls f.template operator()<N, index_t>() with N = dims (1 to 3) and index_t = int64_t where
-// `wide_index`, int32_t otherwise: how a device's sampling pass picks its kernel template.
+// `wide_index`, int32_t otherwise: how the sampling pass picks its kernel template.
 template <typename F>
 void dispatch_geometry(int64_t dims, bool wide_index, F&& f) {
   auto with_index = [&]<int N>() {
@@ -141,16 +139,14 @@ void dispatch_geometry(int64_t dims, bool wide_index, F&& f) {
 }
 
 struct SamplingKernels {
-  // The dtype columns and matrix products are computed in, for inputs of `dtype`.
+  // The dtype columns, matrix products and every sum are computed in, for inputs of `dtype`.
   at::ScalarType (*column_dtype)(at::ScalarType dtype);
-  // The dtype the pass's sums over samples are accumulated in, for columns of `column_dtype`.
-  at::ScalarType (*accumulate_dtype)(at::ScalarType column_dtype);
   // Computes every output of the pass that is defined, in one sweep over the samples.
   void (*sample)(SamplePass& pass);
 };
 
-// Bytes of scratch memory one chunk may use (its columns plus the sampling tables the device's
-// pass allocates); the driver sizes its chunks of grid points with it.
+// Bytes of scratch memory one chunk may use (its columns plus the sampling tables the pass
+// allocates); the driver sizes its chunks of grid points with it. The Triton driver reads it too.
 int64_t workspace_limit();
 
 at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor& input, const at::Tensor& weight,
@@ -165,19 +161,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
     at::IntArrayRef output_padding, int64_t groups, std::array<bool, 4> output_mask);
 
-// A device's kernels of the two ops: the driver run with that device's sampling pass, under
-// `DeviceGuard` (the CUDA guard, or NoDeviceGuard on the CPU). Registered with TORCH_LIBRARY_IMPL.
-struct NoDeviceGuard {
-  explicit NoDeviceGuard(const at::Device&) {}
-};
-
-template <const SamplingKernels& (*kernels)(), typename DeviceGuard>
+// The kernels of the two ops: the driver run with a sampling pass. Registered with TORCH_LIBRARY_IMPL.
+template <const SamplingKernels& (*kernels)()>
 struct DeviceOps {
   static at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
                             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
                             at::IntArrayRef output_padding, int64_t groups) {
-    const DeviceGuard guard(input.device());
     return deform_conv_forward(kernels(), input, weight, offset, mask, bias, stride, padding, dilation, transposed,
                                output_padding, groups);
   }
@@ -187,7 +177,6 @@ struct DeviceOps {
       const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
       at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
       int64_t groups, std::array<bool, 4> output_mask) {
-    const DeviceGuard guard(input.device());
     return deform_conv_backward(kernels(), grad_output, input, weight, offset, mask, stride, padding, dilation,
                                 transposed, output_padding, groups, output_mask);
   }

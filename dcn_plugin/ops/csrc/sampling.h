@@ -1,4 +1,4 @@
-// N-linear sampling shared by the CPU and CUDA kernels.
+// N-linear sampling of the CPU kernels.
 //
 // A sampling position `pos` (N coordinates, in input pixels) touches the 2^N corners of the
 // cell that contains it. Corner `c` takes, along dimension d, the lower neighbour when bit d of
@@ -9,13 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define DCN_HOST_DEVICE __host__ __device__ __forceinline__
-#define DCN_UNROLL _Pragma("unroll")
-#else
-#define DCN_HOST_DEVICE inline
 #define DCN_UNROLL _Pragma("GCC unroll 8")
-#endif
 
 namespace dcn_plugin {
 
@@ -30,7 +24,7 @@ struct Corners {
 // `stride[d]` elements apart along d). When `weight_grad` is given, it receives
 // d weight[c] / d pos[d] at weight_grad[d * 2^N + c] (0 for corners outside the image).
 template <int N, typename acc_t, typename index_t>
-DCN_HOST_DEVICE void locate_corners(const acc_t* pos, const int64_t* size, const int64_t* stride,
+inline void locate_corners(const acc_t* pos, const int64_t* size, const int64_t* stride,
                                     index_t* index, acc_t* weight, acc_t* weight_grad) {
   acc_t frac[N];
   int64_t low[N];
@@ -85,9 +79,9 @@ DCN_UNROLL
 
 // Position sampled by kernel point `kernel_index` for column-grid point `grid_index`:
 // p * stride - padding + k * dilation (+ offset, added by the caller). `index_t` is the type the
-// indices are split in (32-bit division is much cheaper on a GPU).
+// indices are split in (32-bit division is cheaper).
 template <int N, typename acc_t, typename index_t>
-DCN_HOST_DEVICE void base_position(index_t grid_index, index_t kernel_index, const int64_t* grid_size,
+inline void base_position(index_t grid_index, index_t kernel_index, const int64_t* grid_size,
                                    const int64_t* kernel_size, const int64_t* stride,
                                    const int64_t* padding, const int64_t* dilation, acc_t* pos) {
 DCN_UNROLL

@@ -61,11 +61,11 @@ struct SamplingTable {
 
 // The CPU accumulates in the column dtype (float32 for half types).
 template <int N, typename scalar_t, typename index_t>
-struct SampleSweep : PassData<scalar_t, scalar_t> {
+struct SampleSweep : PassData<scalar_t> {
   static constexpr int kCorners = Corners<N>::kCount;
   const SamplingTable<N, scalar_t, index_t>& table;
 
-  using Data = PassData<scalar_t, scalar_t>;
+  using Data = PassData<scalar_t>;
   using Data::K, Data::points, Data::image_points, Data::first, Data::column_stride, Data::per_offset_group,
       Data::per_mask_group, Data::image, Data::mask, Data::grad_columns, Data::columns, Data::grad_image,
       Data::depthwise_weight, Data::dense, Data::dense_out, Data::grad_depthwise_weight;
@@ -267,7 +267,6 @@ const SamplingKernels& cpu_kernels() {
   static const SamplingKernels kernels{
       // Half types are sampled and multiplied in float32 on the CPU.
       [](at::ScalarType dtype) { return at::isReducedFloatingType(dtype) ? at::kFloat : dtype; },
-      [](at::ScalarType column_dtype) { return column_dtype; },
       [](SamplePass& pass) { sample_cpu(pass); },
   };
   return kernels;
@@ -276,7 +275,7 @@ const SamplingKernels& cpu_kernels() {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dcn_plugin, CPU, m) {
-  using Ops = DeviceOps<cpu_kernels, NoDeviceGuard>;
+  using Ops = DeviceOps<cpu_kernels>;
   m.impl("deform_conv", &Ops::forward);
   m.impl("deform_conv_backward", &Ops::backward);
 }

@@ -1,0 +1,303 @@
+"""The Triton implementation of ``dcn_plugin::deform_conv`` and ``dcn_plugin::deform_conv_backward``.
+
+The algebra is the C++ driver's (``csrc/deform_conv.cpp``): with the weight viewed as
+``W (groups, C_grid / groups, C_image / groups * K)`` and columns ``(C_image * K, columns)``,
+
+- convolution: ``out = W @ im2col(input)``; transposed: ``out = col2im(W^T @ input)``;
+- ``d weight = dense @ im2col(image)^T`` (dense: grad_out, or the transposed op's input);
+- ``d offset, d mask`` = coordinate gradients of sampling the image, against ``W^T @ dense``;
+- ``d input = col2im(W^T @ grad_out)`` for convolution, ``W @ im2col(grad_out)`` for transposed.
+
+Sampling is :func:`kernels.sample` (Triton); matrix products are ``torch.bmm`` (cuBLAS on a
+GPU). Columns span the flattened ``(batch, grid point)`` range and are cut into chunks whose
+buffers fit the workspace limit (``dcn_plugin.ops.set_workspace_limit``), so any batch and image
+size runs in bounded memory and small images share one matrix product.
+
+dtypes: the kernel reads every tensor in its own dtype; columns, matrix products and all sums
+are in :func:`compute_dtype` (float32 for float16/bfloat16, as on the CPU). Half-type columns
+would let cuBLAS use bf16/fp16 tensor cores, but rounding every sampled value to the half type
+costs up to 2.1x the error of plain convolution in that dtype (measured under the interpreter on
+the tests' cases), over the project's bound of 2x; float32 GEMMs use TF32 tensor cores where the
+user allows it (``torch.backends.cuda.matmul.allow_tf32``).
+
+These functions take the op's arguments, run the op's C++ argument checks first, and work on
+CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), which is
+how the tests check the kernels without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .geometry import Geometry
+from .kernels import Launch, partial_rows, sample
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of columns, matrix products and sums, for tensors of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def workspace_limit() -> int:
+    """The column-buffer budget in bytes (shared with the CPU kernels)."""
+    return int(torch.ops.dcn_plugin._workspace_limit())
+
+
+def chunk_width(g: Geometry, dtype: torch.dtype, column_buffers: int, coordinates: bool) -> int:
+    """Columns per chunk, so that ``column_buffers`` column buffers (and the partial sums of the
+    coordinate gradients) fit the workspace limit; at least one."""
+    itemsize = compute_dtype(dtype).itemsize
+    per_column = column_buffers * g.image_channels * g.kernel_points * itemsize
+    if coordinates:
+        per_column += partial_rows(g) * g.kernel_points * (g.dims + 1) * itemsize
+    return max(1, workspace_limit() // max(per_column, 1))
+
+
+def alert_scatter(what: str) -> None:
+    """The scatter onto the image uses atomic adds; say so under deterministic mode."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"dcn_plugin::deform_conv (Triton kernels, used on CUDA): {what} is scattered with atomic "
+               "adds, which is not deterministic, and there is no deterministic implementation, but "
+               "torch.use_deterministic_algorithms(True) is set. The CPU op is deterministic; on CUDA, "
+               "the offset, mask and weight gradients are.")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
+def _device_of(t: Tensor):
+    """Makes ``t``'s GPU the current one (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _grid_major(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(B, C, *grid) -> (C, B * L)`` in ``dtype``: the columns of all images side by side."""
+    batch, channels, points = t.shape[0], t.shape[1], math.prod(t.shape[2:])
+    return t.reshape(batch, channels, points).transpose(0, 1).reshape(channels, batch * points).to(dtype)
+
+
+def _batch_major(t: Tensor, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """The inverse of :func:`_grid_major`: ``(C, B * L) -> shape = (B, C, *grid)``, contiguous, in
+    ``dtype``."""
+    batch, channels, points = shape[0], shape[1], math.prod(shape[2:])
+    if batch == 1:
+        return t.view(shape).to(dtype)
+    out = t.new_empty(shape, dtype=dtype)
+    out.view(batch, channels, points).copy_(t.view(channels, batch, points).transpose(0, 1))
+    return out
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _chunks(total: int, width: int):
+    """``(q0, n)`` for consecutive runs of at most ``width`` columns out of ``total``."""
+    for q0 in range(0, total, width):
+        yield q0, min(width, total - q0)
+
+
+def _checked_geometry(input: Tensor, weight: Tensor, offset: Optional[Tensor], mask: Optional[Tensor],
+                      bias: Optional[Tensor], params: tuple, grad_output: Optional[Tensor]) -> Geometry:
+    """Runs the op's C++ argument checks (the CPU kernels' own), then reads the geometry.
+
+    ``params``: ``(stride, padding, dilation, transposed, output_padding, groups)``."""
+    torch.ops.dcn_plugin._check_arguments(input, weight, offset, mask, bias, *params, grad_output)
+    return Geometry.of(input, weight, offset, mask, *params)
+
+
+def _grouped_weight(weight: Tensor, g: Geometry) -> Tensor:
+    """``(groups, C_grid / groups, C_image / groups * K)`` in the compute dtype."""
+    return weight.to(compute_dtype(weight.dtype)).view(g.groups, g.grid_channels // g.groups, -1)
+
+
+def deform_conv(input: Tensor, weight: Tensor, offset: Optional[Tensor], mask: Optional[Tensor],
+                bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], transposed: bool, output_padding: Sequence[int], groups: int, *,
+                wide_index: Optional[bool] = None) -> Tensor:
+    """The forward op (same arguments as ``torch.ops.dcn_plugin.deform_conv``).
+
+    ``wide_index`` forces 64-bit (True) or 32-bit (False) indices in the kernel; by default they
+    are 64-bit only where a tensor or index reaches 2^31.
+
+    Returns ``(B, C_out, *out)``.
+    """
+    params = (stride, padding, dilation, transposed, output_padding, groups)
+    g = _checked_geometry(input, weight, offset, mask, bias, params, None)
+    with _device_of(input):
+        run = _transposed_forward if transposed else _forward
+        out = run(g, input.contiguous(), _grouped_weight(weight.contiguous(), g), _contiguous(offset),
+                  _contiguous(mask), wide_index)
+        if bias is not None:
+            out += bias.view(1, -1, *[1] * g.dims)
+    return out
+
+
+def _forward(g: Geometry, input: Tensor, w: Tensor, offset: Optional[Tensor], mask: Optional[Tensor],
+             wide_index: Optional[bool]) -> Tensor:
+    """``out = W @ im2col(input)``, a chunk of columns at a time."""
+    rows, total = g.image_channels * g.kernel_points, g.batch * g.grid_points
+    width = min(chunk_width(g, input.dtype, 1, False), max(total, 1))
+    buffer = w.new_empty(rows * width)
+    out = w.new_empty(g.grid_channels, total)
+    for q0, n in _chunks(total, width):
+        columns = buffer[: rows * n].view(rows, n)
+        sample(Launch(g, q0, n, image=input, offset=offset, mask=mask, columns=columns,
+                      wide_index=wide_index))
+        out[:, q0:q0 + n] = torch.bmm(w, columns.view(g.groups, -1, n)).view(-1, n)
+    return _batch_major(out, g.output_shape, input.dtype)
+
+
+def _transposed_forward(g: Geometry, input: Tensor, w: Tensor, offset: Optional[Tensor],
+                        mask: Optional[Tensor], wide_index: Optional[bool]) -> Tensor:
+    """``out = col2im(W^T @ input)``, a chunk of columns at a time."""
+    alert_scatter("the output of the transposed op")
+    rows, total = g.image_channels * g.kernel_points, g.batch * g.grid_points
+    width = min(chunk_width(g, input.dtype, 1, False), max(total, 1))
+    buffer = w.new_empty(rows * width)
+    dense = _grid_major(input, w.dtype)
+    out = w.new_zeros(g.image_shape)
+    for q0, n in _chunks(total, width):
+        grad_columns = buffer[: rows * n].view(g.groups, -1, n)
+        torch.bmm(w.transpose(1, 2), dense[:, q0:q0 + n].view(g.groups, -1, n), out=grad_columns)
+        sample(Launch(g, q0, n, offset=offset, mask=mask, grad_columns=grad_columns.view(rows, n),
+                      grad_image=out, wide_index=wide_index))
+    return out.to(input.dtype)
+
+
+def deform_conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Optional[Tensor],
+                         mask: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                         dilation: Sequence[int], transposed: bool, output_padding: Sequence[int],
+                         groups: int, output_mask: Sequence[bool], *,
+                         wide_index: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward op (same arguments as ``torch.ops.dcn_plugin.deform_conv_backward``).
+
+    Returns the gradients of input, weight, offset and mask, each of its tensor's shape where
+    ``output_mask`` asks for it (and the tensor is present), else an empty tensor.
+    """
+    params = (stride, padding, dilation, transposed, output_padding, groups)
+    g = _checked_geometry(input, weight, offset, mask, None, params, grad_output)
+    need = _Needs(output_mask[0], output_mask[1], output_mask[2] and offset is not None,
+                  output_mask[3] and mask is not None, transposed)
+    if not (need.input or need.weight or need.offset or need.mask):
+        return tuple(input.new_empty((0,)) for _ in range(4))
+    with _device_of(input):
+        backward = _Backward(g, need, grad_output.contiguous(), input.contiguous(), weight.contiguous(),
+                             _contiguous(offset), _contiguous(mask), wide_index)
+        return backward.run()
+
+
+class _Needs:
+    """Which gradients a backward computes, and so which intermediate results it needs."""
+
+    def __init__(self, input: bool, weight: bool, offset: bool, mask: bool, transposed: bool):
+        self.input, self.weight, self.offset, self.mask = input, weight, offset, mask
+        self.transposed = transposed
+        # d input of convolution is a scatter onto the image; of the transposed op, W @ im2col(grad_out)
+        self.scatter = input and not transposed
+        self.dense_input = input and transposed
+        self.coordinates = offset or mask
+        self.columns = weight or self.dense_input
+        self.grad_columns = self.coordinates or self.scatter
+
+
+class _Backward:
+    """One call of the backward op: its buffers, the work on one chunk of columns, the gradients.
+
+    Gradients are accumulated in the compute dtype: weight ``(groups, C_grid / groups, rows / groups)``,
+    input as the image (scatter) or ``(C_grid, B * L)`` (transposed op), offset and mask
+    ``(channels, B * L)``."""
+
+    def __init__(self, g: Geometry, need: _Needs, grad_output: Tensor, input: Tensor, weight: Tensor,
+                 offset: Optional[Tensor], mask: Optional[Tensor], wide_index: Optional[bool]):
+        if need.scatter:
+            alert_scatter("the gradient of the input")
+        self.g, self.need, self.wide_index = g, need, wide_index
+        self.input, self.weight, self.offset, self.mask = input, weight, offset, mask
+        self.image = grad_output if need.transposed else input
+        self.w = w = _grouped_weight(weight, g)
+        self.dense = _grid_major(input if need.transposed else grad_output, w.dtype)
+        self.rows, self.total = g.image_channels * g.kernel_points, g.batch * g.grid_points
+        self.width = min(chunk_width(g, input.dtype, need.columns + need.grad_columns, need.coordinates),
+                         max(self.total, 1))
+        self.partial_size = partial_rows(g) * g.kernel_points * (g.dims + 1)
+        self.column_buffer = w.new_empty(self.rows * self.width) if need.columns else None
+        self.grad_column_buffer = w.new_empty(self.rows * self.width) if need.grad_columns else None
+        self.partial_buffer = w.new_empty(self.partial_size * self.width) if need.coordinates else None
+        self.grad_weight = torch.zeros_like(w) if need.weight else None
+        self.grad_image = w.new_zeros(g.image_shape) if need.scatter else None
+        self.grad_dense = w.new_empty(g.grid_channels, self.total) if need.dense_input else None
+        self.grad_offset = w.new_empty(g.offset_channels, self.total) if need.offset else None
+        self.grad_mask = w.new_empty(g.mask_channels, self.total) if need.mask else None
+
+    def run(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        for q0, n in _chunks(self.total, self.width):
+            self.chunk(q0, n)
+        return self.gradients()
+
+    def chunk(self, q0: int, n: int) -> None:
+        """Every gradient's share of the columns ``[q0, q0 + n)``."""
+        g, need, w = self.g, self.need, self.w
+        dense = self.dense[:, q0:q0 + n].view(g.groups, -1, n)
+        grad_columns = columns = partial = None
+        if need.grad_columns:
+            grad_columns = self.grad_column_buffer[: self.rows * n].view(g.groups, -1, n)
+            torch.bmm(w.transpose(1, 2), dense, out=grad_columns)
+        if need.columns:
+            columns = self.column_buffer[: self.rows * n].view(g.groups, -1, n)
+        if need.coordinates:
+            partial = self.partial_buffer[: self.partial_size * n]
+        sample(Launch(g, q0, n, image=self.image if need.columns or need.coordinates else None,
+                      offset=self.offset, mask=self.mask,
+                      columns=None if columns is None else columns.view(self.rows, n),
+                      grad_columns=None if grad_columns is None else grad_columns.view(self.rows, n),
+                      grad_image=self.grad_image, partial=partial, offset_grad=need.offset,
+                      mask_grad=need.mask, wide_index=self.wide_index))
+        if need.weight:
+            self.grad_weight.baddbmm_(dense, columns.transpose(1, 2))
+        if need.dense_input:
+            self.grad_dense[:, q0:q0 + n] = torch.bmm(w, columns).view(-1, n)
+        if need.coordinates:
+            _add_up_partial_sums(g, partial, n, self.grad_offset, self.grad_mask, q0)
+
+    def gradients(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The gradients in the op's dtype and shapes; empty tensors for those not asked for."""
+        need, dtype = self.need, self.input.dtype
+        empty = self.input.new_empty((0,))
+        if need.input:
+            grad_input = self.grad_image.to(dtype) if need.scatter else \
+                _batch_major(self.grad_dense, self.input.shape, dtype)
+        return (
+            grad_input if need.input else empty.clone(),
+            self.grad_weight.view(self.weight.shape).to(dtype) if need.weight else empty.clone(),
+            _batch_major(self.grad_offset, self.offset.shape, dtype) if need.offset else empty.clone(),
+            _batch_major(self.grad_mask, self.mask.shape, dtype) if need.mask else empty.clone(),
+        )
+
+
+def _add_up_partial_sums(g: Geometry, partial: Tensor, n: int, grad_offset: Optional[Tensor],
+                         grad_mask: Optional[Tensor], q0: int) -> None:
+    """Sums the kernel's per-tile partial sums ``(tiles, K, N + 1, n)`` over the tiles of each
+    offset group into ``grad_offset[:, q0:q0 + n]`` ``(offset_groups * K * N, B * L)``, and over
+    those of each mask group into ``grad_mask`` ``(mask_groups * K, B * L)``, in a fixed order."""
+    k, dims, groups = g.kernel_points, g.dims, g.tile_groups
+    per_group = partial.view(groups, -1, k, dims + 1, n).sum(1)  # (tile groups, K, N + 1, n)
+    if grad_offset is not None:
+        og = g.offset_groups
+        offsets = per_group[:, :, :dims].reshape(og, groups // og, k, dims, n).sum(1)
+        grad_offset[:, q0:q0 + n] = offsets.view(-1, n)
+    if grad_mask is not None:
+        mg = g.mask_groups
+        grad_mask[:, q0:q0 + n] = per_group[:, :, dims].reshape(mg, groups // mg, k, n).sum(1).view(-1, n)
+
+
+__all__: List[str] = ["deform_conv", "deform_conv_backward", "compute_dtype", "chunk_width",
+                      "workspace_limit"]

@@ -1,0 +1,298 @@
+"""The Triton sampling kernel of ``dcn_plugin::deform_conv``, and its launcher.
+
+One kernel does every sampling step the driver needs (see ``driver.py`` for the algebra), picked
+by constexpr flags, so that a backward gathers each sample once:
+
+- ``COLUMNS``: im2col, ``columns[c * K + k, j] = mask * sample(image[c], position(k, j))``;
+- ``SCATTER``: col2im, ``grad_image[c] += mask * grad_columns[c * K + k, j]`` spread over the
+  corners of the sample (``tl.atomic_add``: two samples may share a corner);
+- ``OFFSET_GRAD`` / ``MASK_GRAD``: the gradients of the offsets and the mask against
+  ``grad_columns``, summed over the channels of one tile in a fixed order and written as partial
+  sums per tile (``partial``), which the driver adds up in a fixed order: deterministic.
+
+A program covers one kernel point, ``BLOCK_Q`` columns and a tile of ``BLOCK_C`` channels that
+share an offset group and a mask group. Columns are indices ``q = q0 + j`` into the flattened
+``(batch, grid point)`` range, so a chunk may span several images (one matrix product for all of
+them). The sampling position and its corners are computed once per column and reused by every
+channel of the tile. Spatial extents are padded to 3 dims on the left (size 1); ``N`` (a
+constexpr) says how many of the last dims are real, and only those are interpolated.
+
+Positions, corner weights and sums are in ``ACC`` (float32, float64 for double); values are read
+in the tensors' dtype. Indices are int32 unless ``WIDE`` (int64), which the launcher sets only
+where some tensor or index of the launch reaches 2^31 (:func:`needs_wide_index`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .geometry import Geometry
+
+INT32_LIMIT = 2**31
+
+
+@triton.jit
+def _axis(pos, size):
+    """One axis of a position: lower neighbour, fraction, whether the lower and upper neighbours
+    lie in ``[0, size)``. A position outside ``(-1, size)`` (or NaN) touches nothing."""
+    touches = (pos > -1.0) & (pos < size)
+    pos = tl.where(touches, pos, 0.0)
+    low = tl.floor(pos)
+    low_index = low.to(tl.int32)
+    return low_index, pos - low, touches & (low_index >= 0), touches & (low_index + 1 < size)
+
+
+@triton.jit
+def _grid_coordinate(flat, size2, size1):
+    """Splits a row-major index over ``(size0, size1, size2)`` into its three coordinates."""
+    return flat // (size2 * size1), flat // size2 % size1, flat % size2
+
+
+_INTEGER_ARGUMENTS = [
+    "q0", "width", "column_stride", "channels", "per_offset_group", "per_mask_group", "tile_group_channels",
+    "tiles_per_group", "offset_channels", "mask_channels", "K", "L", "image0", "image1", "image2", "grid1",
+    "grid2", "kernel1", "kernel2", "stride0", "stride1", "stride2", "pad0", "pad1", "pad2", "dil0", "dil1",
+    "dil2",
+]
+
+
+# Integers are not specialized (on being 1 or a multiple of 16): shapes change from call to call
+# (detectors see images of many sizes), and each specialization would be a compilation of its own.
+@triton.jit(do_not_specialize=_INTEGER_ARGUMENTS)
+def sample_kernel(
+    image, offset, mask, grad_columns, columns, grad_image, partial,
+    q0, width, column_stride,
+    channels, per_offset_group, per_mask_group, tile_group_channels, tiles_per_group,
+    offset_channels, mask_channels, K, L,
+    image0, image1, image2, grid1, grid2, kernel1, kernel2,
+    stride0, stride1, stride2, pad0, pad1, pad2, dil0, dil1, dil2,
+    N: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MASK: tl.constexpr, COLUMNS: tl.constexpr,
+    SCATTER: tl.constexpr, OFFSET_GRAD: tl.constexpr, MASK_GRAD: tl.constexpr, ACC: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """See the module docstring. Shapes (``P`` image points, ``L`` grid points, ``T`` tiles):
+    image ``(B, C, P)``, offset ``(B, offset_channels, L)``, mask ``(B, mask_channels, L)``,
+    columns and grad_columns ``(C * K, column_stride)``, grad_image ``(B, C, P)`` in ``ACC``,
+    partial ``(T, K, N + 1, width)`` in ``ACC``."""
+    # Programs along axis 0 run over the blocks of columns, then over the tiles of channels (CUDA
+    # allows 2^31 - 1 programs along axis 0, 65535 along the others); axis 1 is the kernel point.
+    column_blocks = tl.cdiv(width, BLOCK_Q)
+    tile = tl.program_id(0) // column_blocks
+    j = tl.program_id(0) % column_blocks * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    k = tl.program_id(1)
+    if WIDE:
+        j = j.to(tl.int64)
+        k = k.to(tl.int64)
+        tile = tile.to(tl.int64)
+    column_ok = j < width
+    q = q0 + j
+    b = q // L
+    l = q % L
+
+    # Channels of this tile: part of one group of `tile_group_channels` channels, which lies in
+    # one offset group and one mask group.
+    group = tile // tiles_per_group
+    local = (tile % tiles_per_group) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = local < tile_group_channels
+    c = group * tile_group_channels + local
+    first_channel = group * tile_group_channels
+    offset_group = first_channel // per_offset_group
+    mask_group = first_channel // per_mask_group
+    ok = channel_ok[:, None] & column_ok[None, :]
+
+    # Position sampled by kernel point k at grid point l, per axis (padded axes stay at 0).
+    p0, p1, p2 = _grid_coordinate(l, grid2, grid1)
+    k0, k1, k2 = _grid_coordinate(k, kernel2, kernel1)
+    pos2 = (p2 * stride2 - pad2 + k2 * dil2).to(ACC)
+    pos1 = (p1 * stride1 - pad1 + k1 * dil1).to(ACC)
+    pos0 = (p0 * stride0 - pad0 + k0 * dil0).to(ACC)
+    if HAS_OFFSET:
+        # channel (offset_group * K + k) * N + d holds the displacement along real axis d
+        row = (b * offset_channels + (offset_group * K + k) * N) * L + l
+        pos2 += tl.load(offset + row + (N - 1) * L, mask=column_ok, other=0.0).to(ACC)
+        if N >= 2:
+            pos1 += tl.load(offset + row + (N - 2) * L, mask=column_ok, other=0.0).to(ACC)
+        if N >= 3:
+            pos0 += tl.load(offset + row, mask=column_ok, other=0.0).to(ACC)
+    if HAS_MASK:
+        modulation = tl.load(mask + (b * mask_channels + mask_group * K + k) * L + l, mask=column_ok,
+                             other=0.0).to(ACC)
+    else:
+        modulation = tl.full((BLOCK_Q,), 1.0, ACC)
+    low2, frac2, low_in2, high_in2 = _axis(pos2, image2)
+    low1, frac1, low_in1, high_in1 = _axis(pos1, image1)
+    low0, frac0, low_in0, high_in0 = _axis(pos0, image0)
+    if WIDE:
+        low2 = low2.to(tl.int64)
+        low1 = low1.to(tl.int64)
+        low0 = low0.to(tl.int64)
+    one = tl.full((BLOCK_Q,), 1.0, ACC)
+
+    plane = (b[None, :] * channels + c[:, None]) * (image0 * image1 * image2)
+    column_rows = (c[:, None] * K + k) * column_stride + j[None, :]
+    GATHER: tl.constexpr = COLUMNS or OFFSET_GRAD or MASK_GRAD
+    if SCATTER or OFFSET_GRAD or MASK_GRAD:
+        grad = tl.load(grad_columns + column_rows, mask=ok, other=0.0).to(ACC)
+    value = tl.zeros((BLOCK_C, BLOCK_Q), ACC)
+    slope2 = tl.zeros((BLOCK_C, BLOCK_Q), ACC)
+    slope1 = tl.zeros((BLOCK_C, BLOCK_Q), ACC)
+    slope0 = tl.zeros((BLOCK_C, BLOCK_Q), ACC)
+    for corner in tl.static_range(1 << N):
+        # Bit a of `corner` picks the upper neighbour along the a-th axis from the last. Per axis: the
+        # interpolation factor, whether the neighbour is inside, the factor's derivative (+-1). The
+        # corner's weight is the product of the factors; d2, d1, d0 its derivatives along the axes.
+        if corner & 1:
+            weight, inside, d2 = frac2, high_in2, one
+        else:
+            weight, inside, d2 = 1.0 - frac2, low_in2, -one
+        flat = low2 + (corner & 1)
+        d1 = weight
+        d0 = weight
+        if N >= 2:
+            if corner >> 1 & 1:
+                factor, inside_axis, sign = frac1, high_in1, one
+            else:
+                factor, inside_axis, sign = 1.0 - frac1, low_in1, -one
+            d2 = d2 * factor
+            d1 = weight * sign
+            weight = weight * factor
+            inside = inside & inside_axis
+            flat += (low1 + (corner >> 1 & 1)) * image2
+        if N >= 3:
+            if corner >> 2 & 1:
+                factor, inside_axis, sign = frac0, high_in0, one
+            else:
+                factor, inside_axis, sign = 1.0 - frac0, low_in0, -one
+            d2 = d2 * factor
+            d1 = d1 * factor
+            d0 = weight * sign
+            weight = weight * factor
+            inside = inside & inside_axis
+            flat += (low0 + (corner >> 2 & 1)) * (image1 * image2)
+        corner_ok = ok & inside[None, :]
+        where = plane + flat[None, :]
+        if GATHER:
+            v = tl.load(image + where, mask=corner_ok, other=0.0).to(ACC)
+            value += weight[None, :] * v
+            if OFFSET_GRAD:
+                slope2 += d2[None, :] * v
+                if N >= 2:
+                    slope1 += d1[None, :] * v
+                if N >= 3:
+                    slope0 += d0[None, :] * v
+        if SCATTER:
+            tl.atomic_add(grad_image + where, (weight * modulation)[None, :] * grad, mask=corner_ok)
+
+    if COLUMNS:
+        tl.store(columns + column_rows, (value * modulation[None, :]).to(columns.dtype.element_ty), mask=ok)
+    slot = ((tile * K + k) * (N + 1)) * width + j
+    if OFFSET_GRAD:
+        tl.store(partial + slot + (N - 1) * width, tl.sum(grad * slope2, axis=0) * modulation, mask=column_ok)
+        if N >= 2:
+            tl.store(partial + slot + (N - 2) * width, tl.sum(grad * slope1, axis=0) * modulation,
+                     mask=column_ok)
+        if N >= 3:
+            tl.store(partial + slot, tl.sum(grad * slope0, axis=0) * modulation, mask=column_ok)
+    if MASK_GRAD:
+        tl.store(partial + slot + N * width, tl.sum(grad * value, axis=0), mask=column_ok)
+
+
+def needs_wide_index(*extents: int) -> bool:
+    """Whether an index as large as the largest of ``extents`` (element counts of the tensors a
+    launch touches, and any other index it forms) needs 64 bits."""
+    return max(extents, default=0) >= INT32_LIMIT
+
+
+@dataclasses.dataclass
+class Launch:
+    """One launch of :func:`sample_kernel` over the columns ``[q0, q0 + width)``.
+
+    ``image`` ``(B, C, *image_size)``; ``offset``, ``mask`` as the op takes them (contiguous);
+    ``columns`` / ``grad_columns`` ``(C * K, width)`` (row stride ``stride(0)``), ``grad_image``
+    ``(B, C, *image_size)`` and ``partial`` ``(tiles, K, N + 1, width)``, all four in the compute dtype
+    (float32, float64 for double). Tensors that are None are neither read nor written.
+    """
+
+    geometry: Geometry
+    q0: int
+    width: int
+    image: Optional[torch.Tensor] = None
+    offset: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    columns: Optional[torch.Tensor] = None
+    grad_columns: Optional[torch.Tensor] = None
+    grad_image: Optional[torch.Tensor] = None
+    partial: Optional[torch.Tensor] = None
+    offset_grad: bool = False
+    mask_grad: bool = False
+    wide_index: Optional[bool] = None  # None: chosen from the extents; True/False: forced
+
+
+BLOCK_Q = 64
+
+
+def block_channels(geometry: Geometry) -> int:
+    """Channels per program: a power of two up to 16, no more than a tile group holds."""
+    return min(16, triton.next_power_of_2(max(geometry.tile_group_channels, 1)))
+
+
+def partial_rows(geometry: Geometry) -> int:
+    """Tiles of channels over the image (the first dim of ``Launch.partial``)."""
+    per_group = triton.cdiv(geometry.tile_group_channels, block_channels(geometry))
+    return geometry.tile_groups * per_group
+
+
+def launch_extents(launch: Launch) -> tuple:
+    """Element counts of everything the launch indexes, for :func:`needs_wide_index`."""
+    g = launch.geometry
+    column_stride = max(launch.width, 1)
+    for t in (launch.columns, launch.grad_columns):
+        if t is not None:
+            column_stride = max(column_stride, t.stride(0))
+    rows = g.image_channels * g.kernel_points
+    return (g.batch * g.image_channels * g.image_points, g.batch * g.offset_channels * g.grid_points,
+            g.batch * g.mask_channels * g.grid_points, g.batch * g.grid_points + BLOCK_Q,
+            rows * column_stride + BLOCK_Q,
+            partial_rows(g) * g.kernel_points * (g.dims + 1) * launch.width + BLOCK_Q)
+
+
+def sample(launch: Launch) -> None:
+    """Runs :func:`sample_kernel` for ``launch`` (nothing when there is nothing to sample)."""
+    g = launch.geometry
+    if launch.width == 0 or g.image_channels == 0 or g.kernel_points == 0:
+        return
+    wide = launch.wide_index
+    if wide is None:
+        wide = needs_wide_index(*launch_extents(launch))
+    present = (launch.image, launch.grad_columns, launch.columns, launch.grad_image)
+    placeholder = next(t for t in present if t is not None)  # passed for absent tensors, never touched
+    if not placeholder.is_cuda and isinstance(sample_kernel, triton.runtime.jit.JITFunction):
+        raise RuntimeError("dcn_plugin's Triton kernels run on CPU tensors only under Triton's interpreter: "
+                           "set TRITON_INTERPRET=1 before triton is first imported")
+    acc = tl.float64 if placeholder.dtype == torch.float64 else tl.float32  # float64 in, float64 sums
+    column_stride = next((t.stride(0) for t in (launch.columns, launch.grad_columns) if t is not None), 0)
+    block_c = block_channels(g)
+    grid = (triton.cdiv(launch.width, BLOCK_Q) * partial_rows(g), g.kernel_points)
+
+    def pointer(t):
+        return placeholder if t is None else t
+
+    sample_kernel[grid](
+        pointer(launch.image), pointer(launch.offset), pointer(launch.mask), pointer(launch.grad_columns),
+        pointer(launch.columns), pointer(launch.grad_image), pointer(launch.partial),
+        launch.q0, launch.width, column_stride,
+        g.image_channels, g.per_offset_group, g.per_mask_group, g.tile_group_channels,
+        triton.cdiv(g.tile_group_channels, block_c), g.offset_channels, g.mask_channels, g.kernel_points,
+        g.grid_points, *g.padded(g.image_size, 1), *g.padded(g.grid_size, 1)[1:],
+        *g.padded(g.kernel_size, 1)[1:], *g.padded(g.stride, 1), *g.padded(g.padding, 0),
+        *g.padded(g.dilation, 1),
+        N=g.dims, HAS_OFFSET=launch.offset is not None, HAS_MASK=launch.mask is not None,
+        COLUMNS=launch.columns is not None, SCATTER=launch.grad_image is not None,
+        OFFSET_GRAD=launch.offset_grad, MASK_GRAD=launch.mask_grad, ACC=acc, WIDE=wide,
+        BLOCK_C=block_c, BLOCK_Q=BLOCK_Q,
+    )
