@@ -67,7 +67,8 @@ def test_half_types(cuda_device, dtype):
 
 
 def _torchvision_deform_conv2d():
-    torchvision_ops = pytest.importorskip("torchvision.ops")
+    reason = "needs torchvision, the peer compared with: pip install torchvision (with a torch it matches)"
+    torchvision_ops = pytest.importorskip("torchvision.ops", reason=reason)
     return torchvision_ops.deform_conv2d
 
 
