@@ -39,7 +39,8 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import HOOKS, OPTIM_WRAPPERS
 
 __all__ = ["CPUAutocastOptimWrapper", "NumClassCheckHook", "add_run_arguments", "load_config",
-           "mmengine_checkpoint_globals", "mmengine_safe_loading", "setup_cpu_distributed"]
+           "mmengine_checkpoint_globals", "mmengine_safe_loading", "setup_cpu_distributed",
+           "shutdown_distributed"]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +135,17 @@ def mmengine_safe_loading() -> Iterator[None]:
         return
     with safe_globals(mmengine_checkpoint_globals()):
         yield
+
+
+def shutdown_distributed() -> None:
+    """Destroys the default process group, if any, before the process exits.
+
+    Left to the interpreter's exit, gloo's threads are destroyed while still joinable, which
+    aborts the process ("terminate called without an active exception") now and then.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def setup_cpu_distributed(cfg, launcher: str) -> None:

@@ -5,6 +5,7 @@ import os
 import os.path as osp
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -99,9 +100,15 @@ def test_resume_from_explicit_checkpoint_path(tmp_path):
     assert load(tmp_path / "second" / "iter_4.pth")["meta"]["iter"] == 4
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_torchrun(tmp_path):
     work_dir = tmp_path / "dist"
-    log = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    log = run(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                "tools/train.py", CONFIG, "--launcher", "pytorch", "--work-dir", str(work_dir),
                "--cfg-options", *TINY, "train_cfg.max_iters=3", "train_cfg.val_interval=3"], tmp_path, 600)
     assert "Distributed launcher: pytorch" in log and "Distributed training: True" in log

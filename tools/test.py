@@ -15,7 +15,7 @@ import os.path as osp
 
 from mmengine.runner import Runner
 
-from dcn_plugin.engine import add_run_arguments, load_config, mmengine_safe_loading
+from dcn_plugin.engine import add_run_arguments, load_config, mmengine_safe_loading, shutdown_distributed
 
 
 def parse_args(argv=None):
@@ -46,7 +46,9 @@ def main(argv=None) -> dict:
             raise ValueError(f"--out: the output file must be a .pkl file, got {args.out!r}")
         runner.test_evaluator.metrics.append(_dump_metric(args.out))
     with mmengine_safe_loading():
-        return runner.test()
+        metrics = runner.test()
+    shutdown_distributed()
+    return metrics
 
 
 def _dump_metric(path: str):

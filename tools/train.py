@@ -13,7 +13,7 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-from dcn_plugin.engine import add_run_arguments, load_config, mmengine_safe_loading
+from dcn_plugin.engine import add_run_arguments, load_config, mmengine_safe_loading, shutdown_distributed
 
 
 def parse_args(argv=None):
@@ -50,6 +50,7 @@ def main(argv=None):
     runner = Runner.from_cfg(build_config(args))
     with mmengine_safe_loading():  # resume / load_from under torch >= 2.6's weights_only default
         runner.train()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
