@@ -101,10 +101,12 @@ struct Chunk {
   void* grad_depthwise_weight = nullptr;  // (K, C), accumulated
 };
 
-// The sweeps compiled for one instruction set.
+// The sweeps compiled for one instruction set, and the layout changes around them.
 struct SamplingKernels {
   const char* isa;
   void (*sweep)(const Chunk& chunk, Sweep sweep);
+  // dst[b] = src[b]^T for `batch` contiguous (rows, cols) matrices of a floating dtype.
+  void (*transpose)(c10::ScalarType dtype, const void* src, void* dst, int64_t batch, int64_t rows, int64_t cols);
 };
 
 // Bytes of scratch memory one chunk may use; the driver sizes its chunks with it and the sweeps
