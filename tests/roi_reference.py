@@ -19,17 +19,20 @@ Written from the definitions, one RoI and one bin at a time, not from dcn_plugin
   interpolated between its four neighbours; a point farther out is invalid.
 
 Every step is a differentiable PyTorch op, so autograd of these functions is the gradient oracle.
+The bottom of this file builds the test cases (:class:`RoiCase`) shared by the RoI pooling tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["sample_bilinear", "deform_roi_pool_reference", "deform_psroi_pool_reference"]
+__all__ = ["sample_bilinear", "deform_roi_pool_reference", "deform_psroi_pool_reference", "RoiCase",
+           "make_rois", "make_roi_tensors", "run_roi_op", "run_roi_reference", "roi_forward_backward"]
 
 
 def sample_bilinear(plane: Tensor, ys: Tensor, xs: Tensor, margin: float) -> Tuple[Tensor, Tensor]:
@@ -52,8 +55,9 @@ def sample_bilinear(plane: Tensor, ys: Tensor, xs: Tensor, margin: float) -> Tup
     return values * valid.to(plane.dtype), valid
 
 
-def deform_roi_pool_reference(input: Tensor, rois: Tensor, offset: Optional[Tensor], output_size: Sequence[int],
-                              spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1) -> Tensor:
+def deform_roi_pool_reference(input: Tensor, rois: Tensor, offset: Optional[Tensor],
+                              output_size: Sequence[int], spatial_scale: float = 1.0, sampling_ratio: int = 0,
+                              gamma: float = 0.1) -> Tensor:
     """mmcv's deformable RoI pooling: ``(B, C, H, W), (R, 5), (R, 2, out_h, out_w) -> (R, C, out_h, out_w)``.
 
     Positions are computed in the dtype of ``rois`` (and ``offset``), values in that of ``input``."""
@@ -128,10 +132,145 @@ def deform_psroi_pool_reference(input: Tensor, rois: Tensor, offset: Optional[Te
                         start_y = start_y + trans_std * offset[r, 2 * k + 1, pi, pj] * roi_h
                     grid_y, grid_x = torch.meshgrid(start_y + steps * bin_h / sample_per_part,
                                                     start_x + steps * bin_w / sample_per_part, indexing="ij")
-                    channels = [(c * groups + gi) * groups + gj for c in range(k * per_class, (k + 1) * per_class)]
-                    values, valid = sample_bilinear(input[b, channels], grid_y.flatten(), grid_x.flatten(), 0.5)
+                    outputs = range(k * per_class, (k + 1) * per_class)
+                    channels = [(c * groups + gi) * groups + gj for c in outputs]
+                    values, valid = sample_bilinear(input[b, channels], grid_y.flatten(), grid_x.flatten(),
+                                                    margin=0.5)
                     count = int(valid.sum())
                     value.append(values.sum(1) / count if count else values.sum(1) * 0)
                 bins = _with_bin(bins, i, j, torch.cat(value))
         pooled.append(bins)
     return torch.stack(pooled) if pooled else input.new_zeros(0, output_dim, size, size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Test cases shared by the RoI pooling tests.
+
+
+@dataclasses.dataclass(frozen=True)
+class RoiCase:
+    """One configuration of either op: ``kind`` is ``"roi"`` (mmcv's ``deform_roi_pool``) or
+    ``"psroi"`` (R-FCN's ``deform_psroi_pool``). ``channels`` are output channels (the PS op's input
+    has ``channels * group_size ** 2``)."""
+
+    kind: str = "roi"
+    batch: int = 2
+    channels: int = 3
+    size: Tuple[int, int] = (7, 9)
+    spatial_scale: float = 0.5
+    offset: bool = True
+    # mmcv
+    output_size: Tuple[int, int] = (3, 2)
+    sampling_ratio: int = 2
+    gamma: float = 0.2
+    # R-FCN
+    group_size: int = 2
+    pooled_size: int = 3
+    part_size: int = 2
+    sample_per_part: int = 2
+    trans_std: float = 0.3
+    classes: int = 1
+
+    def replace(self, **changes) -> RoiCase:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels * (self.group_size ** 2 if self.kind == "psroi" else 1)
+
+    @property
+    def pooled(self) -> Tuple[int, int]:
+        return self.output_size if self.kind == "roi" else (self.pooled_size, self.pooled_size)
+
+    def offset_shape(self, rois: int) -> Tuple[int, ...]:
+        if self.kind == "roi":
+            return (rois, 2, *self.output_size)
+        return (rois, 2 * self.classes, self.part_size, self.part_size)
+
+    def params(self) -> tuple:
+        """The op's arguments after ``(input, rois, offset)``."""
+        if self.kind == "roi":
+            return (list(self.output_size), self.spatial_scale, self.sampling_ratio, self.gamma)
+        return (self.spatial_scale, self.channels, self.group_size, self.pooled_size, self.part_size,
+                self.sample_per_part, self.trans_std)
+
+    @property
+    def op(self):
+        name = "deform_roi_pool" if self.kind == "roi" else "deform_psroi_pool"
+        return getattr(torch.ops.dcn_plugin, name)
+
+    @property
+    def backward_op(self):
+        name = "deform_roi_pool_backward" if self.kind == "roi" else "deform_psroi_pool_backward"
+        return getattr(torch.ops.dcn_plugin, name)
+
+
+def make_rois(case: RoiCase, count: int, generator: torch.Generator) -> Tensor:
+    """``(count, 5)`` RoIs in image coordinates (the map is ``size / spatial_scale`` pixels): the first
+    ones inside the map, partly outside, wholly outside, of zero width, of zero height, inverted
+    and larger than the map; then random ones (partly outside a fifth of the time)."""
+    height, width = (s / case.spatial_scale for s in case.size)
+    fixed = [[0.2 * width, 0.3 * height, 0.7 * width, 0.8 * height],
+             [-0.4 * width, 0.5 * height, 0.3 * width, 1.3 * height],
+             [1.2 * width, -0.9 * height, 1.6 * width, -0.2 * height],
+             [0.4 * width, 0.1 * height, 0.4 * width, 0.6 * height],
+             [0.1 * width, 0.45 * height, 0.9 * width, 0.45 * height],
+             [0.8 * width, 0.7 * height, 0.3 * width, 0.2 * height],
+             [-0.3 * width, -0.2 * height, 1.4 * width, 1.25 * height]]
+    rows = [torch.tensor(corners, dtype=torch.float64) for corners in fixed[:count]]
+    for _ in range(count - len(rows)):
+        corner = torch.rand(2, generator=generator, dtype=torch.float64) * 1.2 - 0.1
+        extent = torch.rand(2, generator=generator, dtype=torch.float64) * 0.7 + 0.05
+        low = corner * torch.tensor([width, height], dtype=torch.float64)
+        rows.append(torch.cat([low, low + extent * torch.tensor([width, height], dtype=torch.float64)]))
+    batch = torch.randint(0, case.batch, (count, 1), generator=generator).double()
+    return torch.cat([batch, torch.stack(rows)], 1) if rows else torch.zeros(0, 5, dtype=torch.float64)
+
+
+def make_roi_tensors(case: RoiCase, rois: int = 9, dtype: torch.dtype = torch.float64, device="cpu",
+                     seed: int = 0) -> Dict[str, Optional[Tensor]]:
+    """``input``, ``rois`` and ``offset`` (None without one), drawn in float64 from ``seed``; input and
+    offset converted to ``dtype``, rois kept in float64 (any floating dtype is accepted)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "input": torch.randn(case.batch, case.in_channels, *case.size, generator=g, dtype=torch.float64),
+        "rois": make_rois(case, rois, g),
+        "offset": torch.rand(case.offset_shape(rois), generator=g, dtype=torch.float64) * 2 - 1
+        if case.offset else None,
+    }
+    return {k: None if t is None else t.to(device, dtype if k != "rois" else torch.float64)
+            for k, t in tensors.items()}
+
+
+def run_roi_op(case: RoiCase, tensors: Dict[str, Optional[Tensor]]) -> Tensor:
+    """The op through the public functional API."""
+    from dcn_plugin import ops
+
+    input, rois, offset = tensors["input"], tensors["rois"], tensors["offset"]
+    if case.kind == "roi":
+        return ops.deform_roi_pool(input, rois, offset, case.output_size, case.spatial_scale,
+                                   case.sampling_ratio, case.gamma)
+    return ops.deform_psroi_pool(input, rois, offset, case.spatial_scale, case.channels, case.group_size,
+                                 case.pooled_size, case.part_size, case.sample_per_part, case.trans_std)
+
+
+def run_roi_reference(case: RoiCase, tensors: Dict[str, Optional[Tensor]]) -> Tensor:
+    """The reference on CPU copies of ``tensors`` (in their dtypes: pass float64 for an oracle)."""
+    input, rois, offset = (None if t is None else t.cpu() for t in (tensors["input"], tensors["rois"],
+                                                                      tensors["offset"]))
+    if case.kind == "roi":
+        return deform_roi_pool_reference(input, rois, offset, case.output_size, case.spatial_scale,
+                                         case.sampling_ratio, case.gamma)
+    return deform_psroi_pool_reference(input, rois, offset, *case.params())
+
+
+def roi_forward_backward(run, case: RoiCase, tensors: Dict[str, Optional[Tensor]],
+                         seed: int = 1) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """``run(case, leaves)`` with input and offset requiring grad, then backward of a random
+    ``grad_output`` (drawn in float64 from ``seed``): the output and the input and offset gradients."""
+    leaves = {k: None if t is None else t.detach().clone().requires_grad_(k != "rois")
+              for k, t in tensors.items()}
+    out = run(case, leaves)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    out.backward(grad.to(out.device, out.dtype))
+    return out.detach(), {k: t.grad for k, t in leaves.items() if t is not None and k != "rois"}
