@@ -213,11 +213,14 @@ def _relative_error(actual, expected) -> float:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["roi", "psroi"])
 def test_half_types_at_most_twice_plain_torch_error(device, kind, dtype):
-    """Output, input and offset gradients in ``dtype`` against float64 on the same (rounded) values,
-    compared with ``tests/roi_reference.py`` run by plain PyTorch with its values and sums in
-    ``dtype`` (positions in float32, as any RoIAlign computes them)."""
-    case = CASES[kind].replace(channels=16, size=(12, 14))
-    low = make_roi_tensors(case, rois=10, dtype=dtype, device=device, seed=7)
+    assert_half_type_like_plain_torch(CASES[kind].replace(channels=16, size=(12, 14)), dtype, device, rois=10)
+
+
+def assert_half_type_like_plain_torch(case: RoiCase, dtype: torch.dtype, device: str, rois: int) -> None:
+    """Output, input and offset gradients in ``dtype`` against float64 on the same (rounded) values
+    are at most twice as far off as ``tests/roi_reference.py`` run by plain PyTorch with its values
+    and sums in ``dtype`` (positions in float32, as any RoIAlign computes them)."""
+    low = make_roi_tensors(case, rois=rois, dtype=dtype, device=device, seed=7)
     exact = {k: None if t is None else t.cpu().double() for k, t in low.items()}
     plain = {"input": low["input"].cpu(), "rois": low["rois"].cpu().float(),
              "offset": low["offset"].cpu().float()}
