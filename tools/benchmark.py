@@ -549,7 +549,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.list:
         for name, case in {**suite.cpu_cases, **suite.gpu_cases}.items():
             devices = "cpu" if name in suite.cpu_cases else "gpu"
-            print(f"{name:10s} {devices}  {case.describe()}")
+            print(f"{name:12s} {devices}  {case.describe()}")
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

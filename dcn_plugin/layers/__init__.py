@@ -11,8 +11,8 @@ registers:
   ``DCNTranspose{1,2,3}d``, so that ``conv_cfg=dict(type='DCN')`` builds these layers through
   mmcv's ``build_conv_layer`` / ``ConvModule``; and ``DeformRoIPool``, ``DeformRoIPoolPack``,
   ``ModulatedDeformRoIPoolPack``, ``DeformablePSRoIPooling`` (the ``dcn_plugin.ops`` modules, which
-  have mmcv's and R-FCN's arguments; mmcv 2.x does not register its RoI pooling modules anywhere:
-  mmdetection's RoI extractors look ``roi_layer`` types up in ``mmcv.ops`` by name, or take a class).
+  have mmcv's and R-FCN's arguments; mmcv 2.x registers its RoI pooling modules nowhere, and
+  mmdetection's RoI extractors look ``roi_layer`` types up in ``mmcv.ops`` by name).
 
 mmcv-full registers ``DCN`` and ``DCNv2`` in the root registry too, and registering a taken name
 raises ``KeyError``. So that the import order does not matter, mmcv-full's ops (``mmcv.ops``) are

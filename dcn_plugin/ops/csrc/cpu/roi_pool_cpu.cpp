@@ -139,13 +139,17 @@ void input_grad_kernel(const RoiPoolData<acc_t>& d, const acc_t* grad_output, ac
   const RoiPoolProblem& p = d.p;
   const RoiPoolSpec& s = p.spec;
   const int64_t bins = s.bins(), per_class = p.channels_per_class();
-  constexpr int64_t kBlock = 16;
-  const int64_t blocks = (p.channels + kBlock - 1) / kBlock;
+  // Blocks of channels: a few per thread, long enough to vectorise (each task rebuilds the samples
+  // of every bin). The sums do not depend on the blocks: each element is summed in RoI, bin and
+  // sample order.
+  const int64_t tasks = std::max<int64_t>(1, 4 * at::get_num_threads() / s.groups());
+  const int64_t block = std::max<int64_t>(16, (p.channels + tasks - 1) / tasks + 15) / 16 * 16;
+  const int64_t blocks = (p.channels + block - 1) / block;
   at::parallel_for(0, s.groups() * blocks, 1, [&](int64_t begin, int64_t end) {
     Bin<acc_t> bin;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t group = item / blocks, c0 = item % blocks * kBlock;
-      const int64_t c1 = std::min(c0 + kBlock, p.channels);
+      const int64_t group = item / blocks, c0 = item % blocks * block;
+      const int64_t c1 = std::min(c0 + block, p.channels);
       for (int64_t r = 0; r < p.rois; ++r) {
         for (int64_t q = 0; q < bins; ++q) {
           const int64_t ph = q / s.pooled_w, pw = q % s.pooled_w;
