@@ -409,6 +409,37 @@ def test_compile_fullgraph(device):
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["roi", "psroi"])
+def test_autocast(device, kind):
+    """Under autocast the ops run in the autocast dtype (input and offset cast, RoIs as they are),
+    as the convolution does; gradients come back in float32."""
+    case = CASES[kind]
+    tensors = make_roi_tensors(case, dtype=torch.float32, device=device)
+    for dtype in [torch.bfloat16] if device == "cpu" else [torch.float16, torch.bfloat16]:
+        # the oracle sees the values the op sees (R-FCN's count of valid samples jumps with them)
+        rounded = {k: t if k == "rois" else t.to(dtype) for k, t in tensors.items()}
+        expected = run_roi_reference(case, {k: t.double() for k, t in rounded.items()})
+        leaves = {k: t.clone().requires_grad_(k != "rois") for k, t in tensors.items()}
+        with torch.autocast(device, dtype=dtype):
+            out = run_roi_op(case, leaves)
+        assert out.dtype == dtype
+        assert _relative_error(out, expected) < 8 * torch.finfo(dtype).eps
+        out.float().sum().backward()
+        assert leaves["input"].grad.dtype == leaves["offset"].grad.dtype == torch.float32
+
+
+def test_pack_under_autocast(device):
+    """DeformRoIPoolPack on float32 features in an autocast region: its offset head gives offsets in
+    the autocast dtype, which the op accepts (it casts the input to match)."""
+    pool = ops.ModulatedDeformRoIPoolPack(3, 8, 16, spatial_scale=0.5).to(device)
+    x = torch.randn(2, 8, 10, 12, device=device)
+    rois = torch.tensor([[0, 1.0, 2.0, 15.0, 14.0], [1, 3.0, 3.0, 9.0, 18.0]], device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = pool(x, rois)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), pool(x, rois), atol=0.02, rtol=0.02)
+
+
 def test_double_backward_raises(device):
     t = make_roi_tensors(ROI, device=device)
     x = t["input"].requires_grad_()
