@@ -63,6 +63,6 @@ def test_benchmark_runs_and_reports(tmp_path):
     assert benchmark.main(["--cases", "qs-256", "--min-time", "0", "--repeats", "1", "--json", str(out),
                            "--markdown", str(tmp_path / "bench.md")]) == 0
     results = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
-    assert results["F.conv"]["fwd_bwd_vs_conv"] == 1.0
-    assert results["dcn_plugin"]["fwd"]["ms"] > 0 and results["dcn_plugin"]["fwd_bwd_vs_conv"] > 0
+    assert results["F.conv"]["fwd_bwd_vs_baseline"] == 1.0
+    assert results["dcn_plugin"]["fwd"]["ms"] > 0 and results["dcn_plugin"]["fwd_bwd_vs_baseline"] > 0
     assert "| qs-256 | 16x256x4x4->256x4x4 k3x3 | dcn_plugin |" in (tmp_path / "bench.md").read_text()
