@@ -79,18 +79,23 @@ def triton_device(request) -> str:
 
 
 class triton_kernels_on_cpu:
-    """Registers the Triton driver as the CPU kernel of both ops, over the C++ one, until exit."""
+    """Registers the Triton drivers as the CPU kernels of the ops (the convolution's and the RoI
+    pooling ones), over the C++ ones, until exit."""
+
+    OPS = ("deform_conv", "deform_roi_pool", "deform_psroi_pool")
 
     def __enter__(self):
         import warnings
 
-        from dcn_plugin.ops.triton import driver
+        from dcn_plugin.ops.triton import driver, roi_pool
 
+        drivers = {"deform_conv": driver, "deform_roi_pool": roi_pool, "deform_psroi_pool": roi_pool}
         self.library = torch.library.Library("dcn_plugin", "IMPL")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Oo]verrid")
-            self.library.impl("deform_conv", driver.deform_conv, "CPU")
-            self.library.impl("deform_conv_backward", driver.deform_conv_backward, "CPU")
+            for op in self.OPS:
+                for name in (op, f"{op}_backward"):
+                    self.library.impl(name, getattr(drivers[op], name), "CPU")
         return self
 
     def __exit__(self, *exc):

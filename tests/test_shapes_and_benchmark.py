@@ -65,8 +65,8 @@ def test_benchmark_runs_and_reports(tmp_path):
                            "--markdown", str(tmp_path / "bench.md"),
                            "--plot", str(tmp_path / "bench.png")]) == 0
     results = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
-    assert results["F.conv"]["fwd_bwd_vs_conv"] == 1.0
-    assert results["dcn_plugin"]["fwd"]["ms"] > 0 and results["dcn_plugin"]["fwd_bwd_vs_conv"] > 0
+    assert results["F.conv"]["fwd_bwd_vs_baseline"] == 1.0
+    assert results["dcn_plugin"]["fwd"]["ms"] > 0 and results["dcn_plugin"]["fwd_bwd_vs_baseline"] > 0
     assert "| qs-256 | 16x256x4x4->256x4x4 k3x3 | dcn_plugin |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

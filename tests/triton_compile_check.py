@@ -1,5 +1,6 @@
-"""Compiles dcn_plugin's Triton kernel for a GPU without one: ``python tests/triton_compile_check.py
-N,DTYPE,KIND,WIDE ...`` (e.g. ``2,bf16,backward,False``), in a process without TRITON_INTERPRET.
+"""Compiles dcn_plugin's Triton kernels for a GPU without one: ``python tests/triton_compile_check.py
+N,DTYPE,KIND,WIDE ...`` (e.g. ``2,bf16,backward,False``) for the convolution's kernel, ``roi,DTYPE,KIND``
+(e.g. ``roi,fp16,mmcv-backward``) for the RoI pooling kernel, in a process without TRITON_INTERPRET.
 
 Triton's frontend, its NVIDIA backend and ptxas (shipped in the triton wheel) run on any machine,
 so this checks on CI what the interpreter cannot: that the kernel is valid Triton, for every kind
@@ -55,6 +56,44 @@ def compile_variant(n: int, dtype: str, kind: str, wide: bool, arch: int = 90) -
     return len(kernel.asm["cubin"])
 
 
+ROI_KINDS = {
+    # (rule, flags) of the RoI pooling kernel's launches: forward, backward, each with and without offsets
+    "mmcv-forward": ("mmcv", dict(FORWARD=True)),
+    "mmcv-forward-offset": ("mmcv", dict(FORWARD=True, HAS_OFFSET=True)),
+    "mmcv-backward": ("mmcv", dict(HAS_OFFSET=True, INPUT_GRAD=True, OFFSET_GRAD=True)),
+    "rfcn-forward-offset": ("rfcn", dict(FORWARD=True, HAS_OFFSET=True)),
+    "rfcn-backward": ("rfcn", dict(HAS_OFFSET=True, INPUT_GRAD=True, OFFSET_GRAD=True)),
+    "rfcn-backward-input": ("rfcn", dict(INPUT_GRAD=True)),
+}
+ROI_RULES = {"mmcv": dict(ALIGN=0.5, MARGIN=1.0, COUNT_VALID=False),
+             "rfcn": dict(ALIGN=0.0, MARGIN=0.5, COUNT_VALID=True)}
+ROI_FLAGS = ("HAS_OFFSET", "FORWARD", "INPUT_GRAD", "OFFSET_GRAD")
+
+
+def compile_roi_variant(dtype: str, kind: str, arch: int = 90) -> int:
+    """Compiles one launch of the RoI pooling kernel for ``sm_{arch}``; returns its code size."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dcn_plugin.ops.triton.roi_pool import roi_pool_kernel
+
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    rule, flags = ROI_KINDS[kind]
+    constants = {**ROI_RULES[rule], **{flag: flags.get(flag, False) for flag in ROI_FLAGS}}
+    constants.update(ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK_C=64)
+    pointers = {"input": dtype, "table": acc, "offset": dtype, "grad_output": dtype, "output": dtype,
+                "grad_input": acc, "partial": acc, "scale": acc}
+    names = roi_pool_kernel.arg_names
+    signature = {name: "constexpr" if name in constants else "*" + pointers[name] if name in pointers
+                 else "i32" for name in names}
+    source = ASTSource(fn=roi_pool_kernel, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    return len(kernel.asm["cubin"])
+
+
 def main(argv) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1 is set: the interpreter does not compile")
@@ -65,8 +104,12 @@ def main(argv) -> int:
         print(f"triton's NVIDIA backend is not available here ({exc!r})")
         return 3
     for spec in argv:
-        n, dtype, kind, wide = spec.split(",")
-        size = compile_variant(int(n), dtype, kind, wide == "True")
+        if spec.startswith("roi,"):
+            _, dtype, kind = spec.split(",")
+            size = compile_roi_variant(dtype, kind)
+        else:
+            n, dtype, kind, wide = spec.split(",")
+            size = compile_variant(int(n), dtype, kind, wide == "True")
         print(f"{spec}: ok ({size} bytes of sm_90 code)", flush=True)
     return 0
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Benchmark dcn_plugin's deformable convolution against plain convolution and its peers.
+"""Benchmark dcn_plugin's deformable convolution and RoI pooling against their plain versions and peers.
 
-For each case (a named ``DeformConvShape``) this program times, in one process and on the same
-inputs, the forward and the forward+backward (gradients for input, weight, offset and mask) of:
+Two suites share the timing and reporting code; ``--op`` picks one.
+
+``--op conv`` (default): for each case (a named ``DeformConvShape``) this program times, in one
+process and on the same inputs, the forward and the forward+backward (gradients for input, weight,
+offset and mask) of:
 
 - ``dcn_plugin``: ``dcn_plugin.ops.deform_conv{N}d`` / ``deform_conv_transpose{N}d``;
 - ``F.conv*``: torch's own convolution of the same shape without offsets or mask, the floor
@@ -11,7 +14,12 @@ inputs, the forward and the forward+backward (gradients for input, weight, offse
   ``tvdcn.ops``, and onnxruntime's ``DeformConv`` (a one-node ONNX model on the CPU, with as many
   threads as torch; forward only, as onnxruntime runs inference).
 
-It reports median times, each time as a multiple of plain convolution's, and on CUDA the peak
+``--op roi``: for each case (a named ``RoiPoolShape``), ``dcn_plugin.ops.deform_roi_pool`` (mmcv's
+deformable RoI pooling) or ``deform_psroi_pool`` (R-FCN's) with offsets (gradients for input and
+offset), against the same op without offsets (RoIAlign, or R-FCN's pooling with ``no_trans``), the
+baseline of the ratios, and the peers that import: ``torchvision.ops.roi_align`` and ``mmcv.ops``.
+
+It reports median times, each time as a multiple of the baseline's, and on CUDA the peak
 memory above the inputs. A peer that cannot run a case shows ``n/a`` with the reason in a
 footnote. It asserts nothing about speed. ``--plot`` draws the same results: per case, each
 implementation's time as a multiple of plain convolution's.
@@ -21,6 +29,7 @@ Examples::
     python tools/benchmark.py --threads 2
     python tools/benchmark.py --threads 2 --markdown benchmarks/cpu-2core-float32.md \
         --plot benchmarks/cpu-2core-float32.png
+    python tools/benchmark.py --op roi --threads 2
     python tools/benchmark.py --device cuda --dtype bfloat16 --autocast --markdown bench.md
     python tools/benchmark.py --list
 """
@@ -41,7 +50,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -236,6 +245,152 @@ def load_implementations() -> tuple[Dict[str, Callable], List[str]]:
 
 
 # --------------------------------------------------------------------------------------------
+# Deformable RoI pooling: cases, inputs, implementations
+
+
+@dataclass(frozen=True)
+class RoiPoolShape:
+    """One call of ``deform_roi_pool`` (``kind="roi"``) or ``deform_psroi_pool`` (``"psroi"``):
+    ``rois`` RoIs on a ``batch x channels x size`` map, ``pooled x pooled`` bins. RoIs are boxes of
+    32 to 512 image pixels (log-uniform) on an image of ``size / spatial_scale``."""
+
+    kind: str
+    channels: int
+    size: Tuple[int, int]
+    rois: int
+    batch: int = 1
+    pooled: int = 7
+    spatial_scale: float = 1 / 16
+    sampling_ratio: int = 0  # roi: mmdetection's dpool default (adaptive)
+    gamma: float = 0.1
+    group_size: int = 1  # psroi
+    sample_per_part: int = 4
+    trans_std: float = 0.1
+
+    @property
+    def output_dim(self) -> int:
+        return self.channels // self.group_size ** 2
+
+    def describe(self) -> str:
+        rule = f"sr{self.sampling_ratio}" if self.kind == "roi" else \
+            f"PS g{self.group_size} spp{self.sample_per_part}"
+        return (f"{self.rois} RoIs {self.batch}x{self.channels}x{self.size[0]}x{self.size[1]}"
+                f"->{self.pooled}x{self.pooled} {rule}")
+
+
+# 512 RoIs on a ResNet-50 C4 / FPN level map of an 800x1216 image: mmdetection's dpool Faster R-CNN
+# (mmcv's op) and Deformable ConvNets' Faster R-CNN (R-FCN's op, class-agnostic, group_size 1); and
+# R-FCN's position-sensitive head (21 classes x 7 x 7 score maps).
+_MAP = dict(channels=256, size=(50, 76), rois=512)
+ROI_CASES: Dict[str, RoiPoolShape] = {
+    "roi": RoiPoolShape("roi", **_MAP),
+    "psroi": RoiPoolShape("psroi", **_MAP),
+    "psroi-rfcn": RoiPoolShape("psroi", channels=21 * 49, size=(50, 76), rois=300, group_size=7),
+    "smoke-roi": RoiPoolShape("roi", channels=8, size=(10, 12), rois=6, pooled=3),
+    "smoke-psroi": RoiPoolShape("psroi", channels=8, size=(10, 12), rois=6, pooled=3, group_size=2),
+}
+ROI_GPU_CASES: Dict[str, RoiPoolShape] = {
+    **{name: case for name, case in ROI_CASES.items() if not name.startswith("smoke")},
+    "gpu-roi-b8": RoiPoolShape("roi", channels=256, size=(50, 76), rois=8 * 512, batch=8),
+}
+
+
+def make_roi_inputs(name: str, case: RoiPoolShape, device: str, dtype: torch.dtype) -> Tensors:
+    """Deterministic ``input``, ``rois`` (float32) and ``offset`` ~ N(0, 1) (scaled by gamma or
+    trans_std in the op)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    height, width = (s / case.spatial_scale for s in case.size)
+    sides = torch.exp(torch.empty(case.rois, 2).uniform_(math.log(32), math.log(512), generator=gen))
+    centres = torch.rand(case.rois, 2, generator=gen) * torch.tensor([width, height])
+    index = torch.randint(0, case.batch, (case.rois, 1), generator=gen).float()
+    rois = torch.cat([index, centres - sides / 2, centres + sides / 2], 1)
+    tensors: Tensors = {
+        "input": torch.randn(case.batch, case.channels, *case.size, generator=gen),
+        "offset": torch.randn(case.rois, 2, case.pooled, case.pooled, generator=gen),  # one offset class
+    }
+    tensors = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items()}
+    return {**tensors, "rois": rois.to(device)}
+
+
+def _run_roi_pool(case: RoiPoolShape, t: Tensors, offset: bool = True) -> Tensor:
+    t_offset = t["offset"] if offset else None
+    if case.kind == "roi":
+        return dcn_plugin.ops.deform_roi_pool(t["input"], t["rois"], t_offset, case.pooled,
+                                              case.spatial_scale, case.sampling_ratio, case.gamma)
+    return dcn_plugin.ops.deform_psroi_pool(t["input"], t["rois"], t_offset, case.spatial_scale,
+                                            case.output_dim, case.group_size, case.pooled, case.pooled,
+                                            case.sample_per_part, case.trans_std)
+
+
+def _torchvision_roi() -> Callable[[RoiPoolShape, Tensors], Tensor]:
+    from torchvision.ops import roi_align
+
+    def run(case: RoiPoolShape, t: Tensors) -> Tensor:
+        if case.kind != "roi":
+            raise Unsupported("torchvision has no deformable (or R-FCN) position-sensitive pooling")
+        return roi_align(t["input"], t["rois"].to(t["input"].dtype), case.pooled, case.spatial_scale,
+                         case.sampling_ratio, aligned=True)  # RoIAlign without offsets
+
+    return run
+
+
+def _mmcv_roi() -> Callable[[RoiPoolShape, Tensors], Tensor]:
+    from mmcv.ops import deform_roi_pool
+
+    def run(case: RoiPoolShape, t: Tensors) -> Tensor:
+        if case.kind != "roi":
+            raise Unsupported("mmcv has no position-sensitive deformable RoI pooling")
+        return deform_roi_pool(t["input"], t["rois"].to(t["input"].dtype), t["offset"], case.pooled,
+                               case.spatial_scale, case.sampling_ratio, case.gamma)
+
+    return run
+
+
+def load_roi_implementations() -> tuple[Dict[str, Callable], List[str]]:
+    """dcn_plugin with and without offsets, and the peers that import (with a note for the others)."""
+    impls: Dict[str, Callable] = {
+        "dcn_plugin": _run_roi_pool,
+        "no offset": lambda case, t: _run_roi_pool(case, t, offset=False),
+    }
+    notes = []
+    for name, loader in (("torchvision roi_align", _torchvision_roi), ("mmcv", _mmcv_roi)):
+        try:
+            impls[name] = loader()
+        except Exception as exc:  # a peer that does not import is not benchmarked
+            notes.append(f"{name}: not benchmarked ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+    return impls, notes
+
+
+# --------------------------------------------------------------------------------------------
+# Suites: what --op selects
+
+
+@dataclass(frozen=True)
+class Suite:
+    """The cases and implementations of one op family; the timing and reporting below are shared."""
+
+    cpu_cases: Dict[str, Any]
+    gpu_cases: Dict[str, Any]
+    make_inputs: Callable[[str, Any, str, torch.dtype], Tensors]
+    load_implementations: Callable[[], tuple[Dict[str, Callable], List[str]]]
+    baseline: str  # the implementation every ratio is to
+    grads: Callable[[str], Tuple[str, ...]]  # per implementation: the tensors that require grad
+    method: str  # the inputs and gradients, for the report
+
+
+SUITES: Dict[str, Suite] = {
+    "conv": Suite(CPU_CASES, GPU_CASES, make_inputs, lambda: load_implementations(), "F.conv",
+                  lambda impl: ("input", "weight") + (() if impl == "F.conv" else ("offset", "mask")),
+                  "backward with a random output gradient, input, weight, offset and mask requiring grad; "
+                  "ratios are to F.conv of the same shape without offsets"),
+    "roi": Suite(ROI_CASES, ROI_GPU_CASES, make_roi_inputs, lambda: load_roi_implementations(), "no offset",
+                 lambda impl: ("input", "offset") if impl in ("dcn_plugin", "mmcv") else ("input",),
+                 "backward with a random output gradient, input and offset requiring grad (input only "
+                 "without offsets); ratios are to the same dcn_plugin op without offsets"),
+}
+
+
+# --------------------------------------------------------------------------------------------
 # Timing
 
 
@@ -279,10 +434,10 @@ def measure(step: Callable[[], None], device: str, min_time: float, repeats: int
     return Timing(ms=1e3 * statistics.median(times), peak_mib=peak)
 
 
-def _steps(run: Callable, case: DeformConvShape, tensors: Tensors, args, is_conv: bool):
-    """The forward and forward+backward steps of ``run`` on ``tensors`` (under autocast, if asked)."""
+def _steps(run: Callable, case, tensors: Tensors, args, grads: Tuple[str, ...]):
+    """The forward and forward+backward steps of ``run`` on ``tensors`` (under autocast, if asked),
+    the tensors named in ``grads`` requiring grad."""
     autocast = dict(device_type=args.device, dtype=DTYPES[args.dtype], enabled=args.autocast)
-    grads = ("input", "weight") if is_conv else ("input", "weight", "offset", "mask")
     leaves = {k: None if t is None else t.detach().requires_grad_(k in grads) for k, t in tensors.items()}
     grad_output: List[Tensor] = []
 
@@ -310,23 +465,23 @@ class Result:
     impl: str
     fwd: Timing
     fwd_bwd: Timing
-    fwd_vs_conv: Optional[float] = None
-    fwd_bwd_vs_conv: Optional[float] = None
+    fwd_vs_baseline: Optional[float] = None
+    fwd_bwd_vs_baseline: Optional[float] = None
 
 
-def run_case(name: str, case: DeformConvShape, impls: Dict[str, Callable], args) -> List[Result]:
+def run_case(name: str, case, suite: Suite, impls: Dict[str, Callable], args) -> List[Result]:
     tensor_dtype = torch.float32 if args.autocast else DTYPES[args.dtype]
-    tensors = make_inputs(name, case, args.device, tensor_dtype)
+    tensors = suite.make_inputs(name, case, args.device, tensor_dtype)
     results = []
     for impl, run in impls.items():
-        forward, forward_backward = _steps(run, case, tensors, args, is_conv=impl == "F.conv")
+        forward, forward_backward = _steps(run, case, tensors, args, suite.grads(impl))
         fwd = measure(forward, args.device, args.min_time, args.repeats)
         fwd_bwd = fwd if fwd.error else measure(forward_backward, args.device, args.min_time, args.repeats)
         results.append(Result(name, case.describe(), impl, fwd, fwd_bwd))
-    conv = results[1]
+    base = next(r for r in results if r.impl == suite.baseline)
     for r in results:
-        r.fwd_vs_conv = r.fwd.ms / conv.fwd.ms if r.fwd.ms and conv.fwd.ms else None
-        r.fwd_bwd_vs_conv = r.fwd_bwd.ms / conv.fwd_bwd.ms if r.fwd_bwd.ms and conv.fwd_bwd.ms else None
+        r.fwd_vs_baseline = r.fwd.ms / base.fwd.ms if r.fwd.ms and base.fwd.ms else None
+        r.fwd_bwd_vs_baseline = r.fwd_bwd.ms / base.fwd_bwd.ms if r.fwd_bwd.ms and base.fwd_bwd.ms else None
     return results
 
 
@@ -362,9 +517,10 @@ def environment(args) -> Dict[str, str]:
     }
 
 
-def table(results: Sequence[Result], memory: bool) -> tuple[List[str], List[List[str]], List[str]]:
+def table(results: Sequence[Result], memory: bool,
+          baseline: str = "conv") -> tuple[List[str], List[List[str]], List[str]]:
     """Header, rows and footnotes (the n/a reasons, numbered in order of appearance)."""
-    header = ["case", "shape", "impl", "fwd ms", "fwd+bwd ms", "fwd / conv", "fwd+bwd / conv"]
+    header = ["case", "shape", "impl", "fwd ms", "fwd+bwd ms", f"fwd / {baseline}", f"fwd+bwd / {baseline}"]
     header += ["peak MiB (f+b)"] if memory else []
     reasons: List[str] = []
 
@@ -378,7 +534,7 @@ def table(results: Sequence[Result], memory: bool) -> tuple[List[str], List[List
     rows = []
     for i, r in enumerate(results):
         first = i == 0 or results[i - 1].case != r.case
-        ratios = ["-" if x is None else f"{x:.2f}x" for x in (r.fwd_vs_conv, r.fwd_bwd_vs_conv)]
+        ratios = ["-" if x is None else f"{x:.2f}x" for x in (r.fwd_vs_baseline, r.fwd_bwd_vs_baseline)]
         row = [r.case if first else "", r.shape if first else "", r.impl, time_cell(r.fwd),
                time_cell(r.fwd_bwd), *ratios]
         if memory:
@@ -387,9 +543,9 @@ def table(results: Sequence[Result], memory: bool) -> tuple[List[str], List[List
     return header, rows, [f"[{i + 1}] {reason}" for i, reason in enumerate(reasons)]
 
 
-def plot(results: Sequence[Result], path: Path, title: str) -> None:
-    """Per case, each implementation's forward and forward+backward time as a multiple of
-    ``F.conv``'s (log scale), one bar per implementation that ran; written to ``path``."""
+def plot(results: Sequence[Result], path: Path, title: str, baseline: str) -> None:
+    """Per case, each implementation's forward and forward+backward time as a multiple of the
+    baseline's (log scale), one bar per implementation that ran; written to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,11 +553,11 @@ def plot(results: Sequence[Result], path: Path, title: str) -> None:
     from matplotlib.ticker import FuncFormatter
 
     cases = list(dict.fromkeys(r.case for r in results))
-    impls = [i for i in dict.fromkeys(r.impl for r in results) if i != "F.conv"]
+    impls = [i for i in dict.fromkeys(r.impl for r in results) if i != baseline]
     by_key = {(r.case, r.impl): r for r in results}
     width = 0.8 / max(len(impls), 1)
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.75 * len(cases) + 2), 7), sharex=True)
-    panels = ((axes[0], "fwd_vs_conv", "forward"), (axes[1], "fwd_bwd_vs_conv", "forward+backward"))
+    panels = ((axes[0], "fwd_vs_baseline", "forward"), (axes[1], "fwd_bwd_vs_baseline", "forward+backward"))
     for ax, attr, label in panels:
         for k, impl in enumerate(impls):
             xs, ys = [], []
@@ -416,7 +572,7 @@ def plot(results: Sequence[Result], path: Path, title: str) -> None:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if v in (0.2, 0.5, 2, 5) else ""))
-        ax.set_ylabel(f"{label} / F.conv")
+        ax.set_ylabel(f"{label} / {baseline}")
         ax.grid(axis="y", which="both", alpha=0.3)
     axes[0].legend(ncol=len(impls), fontsize="small")
     axes[0].set_title(title, fontsize="medium")
@@ -447,6 +603,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", choices=list(SUITES), default="conv",
+                        help="conv: deformable convolution; roi: deformable RoI pooling (both ops)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--autocast", action="store_true",
@@ -458,8 +616,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per measurement")
     parser.add_argument("--markdown", type=Path, help="also write a Markdown report here")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
-    parser.add_argument("--plot", type=Path, help="also plot each implementation's time / F.conv per case "
-                                                  "to this image (PNG)")
+    parser.add_argument("--plot", type=Path, help="also plot each implementation's time / the baseline's "
+                                                  "per case to this image (PNG)")
     args = parser.parse_args(argv)
     if args.autocast and args.dtype not in ("float16", "bfloat16"):
         parser.error("--autocast needs --dtype float16 or bfloat16")
@@ -468,12 +626,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def select_cases(args) -> Dict[str, DeformConvShape]:
-    cases = GPU_CASES if args.device == "cuda" else CPU_CASES
+def select_cases(args) -> Dict[str, Any]:
+    suite = SUITES[args.op]
+    cases = suite.gpu_cases if args.device == "cuda" else suite.cpu_cases
     if not args.cases:
         return cases
     patterns = [p.strip() for p in args.cases.split(",") if p.strip()]
-    every = {**CPU_CASES, **GPU_CASES}
+    every = {**suite.cpu_cases, **suite.gpu_cases}
     unknown = [p for p in patterns if not fnmatch.filter(every, p)]
     if unknown:
         raise SystemExit(f"--cases: unknown {', '.join(unknown)}; known: {', '.join(every)}")
@@ -483,28 +642,27 @@ def select_cases(args) -> Dict[str, DeformConvShape]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    suite = SUITES[args.op]
     if args.list:
-        for name, case in {**CPU_CASES, **GPU_CASES}.items():
-            devices = "cpu" if name in CPU_CASES else "gpu"
-            print(f"{name:10s} {devices}  {case.describe()}")
+        for name, case in {**suite.cpu_cases, **suite.gpu_cases}.items():
+            devices = "cpu" if name in suite.cpu_cases else "gpu"
+            print(f"{name:12s} {devices}  {case.describe()}")
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    impls, notes = load_implementations()
+    impls, notes = suite.load_implementations()
     env = environment(args)
     print("  ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     results: List[Result] = []
     for name, case in select_cases(args).items():
         start = time.perf_counter()
-        results += run_case(name, case, impls, args)
+        results += run_case(name, case, suite, impls, args)
         elapsed = time.perf_counter() - start
         print(f"  {name} ({case.describe()}) in {elapsed:.1f} s", file=sys.stderr, flush=True)
-    header, rows, footnotes = table(results, memory=args.device == "cuda")
-    method = (f"median of >= {args.repeats} calls (about {args.min_time:g} s) after a warm-up call; backward "
-              "with a random output gradient, input, weight, offset and mask requiring grad; ratios are to "
-              "F.conv of the same shape without offsets" + ("; peak MiB = max_memory_allocated above the "
-                                                            "inputs during forward+backward"
-                                                            if args.device == "cuda" else ""))
+    header, rows, footnotes = table(results, memory=args.device == "cuda", baseline=suite.baseline)
+    method = (f"median of >= {args.repeats} calls (about {args.min_time:g} s) after a warm-up call; "
+              + suite.method + ("; peak MiB = max_memory_allocated above the inputs during forward+backward"
+                                if args.device == "cuda" else ""))
     print("\n" + text(header, rows) + "\n" + "\n".join(footnotes + notes))
     if args.markdown:
         lines = ["# dcn_plugin benchmark", "", *[f"- **{k}**: {v}" for k, v in env.items()],
@@ -513,7 +671,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.markdown.write_text("\n".join(lines).rstrip() + "\n")
     if args.plot:
         title = f"{env['device']}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}"
-        plot(results, args.plot, title)
+        plot(results, args.plot, title, suite.baseline)
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "method": method, "notes": notes,
                                          "results": [asdict(r) for r in results]}, indent=2) + "\n")

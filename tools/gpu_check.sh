@@ -8,8 +8,9 @@
 # against the torch there, runs the op tests on CUDA, and benchmarks the GPU cases with
 # tools/benchmark.py --device cuda in float32 and in bfloat16 autocast (dcn_plugin, cuDNN
 # convolution, torchvision.ops.deform_conv2d where installed: forward, forward+backward, peak
-# memory). Everything goes to OUTDIR: env.txt, *.log, pytest's junit XML, the benchmark tables
-# (Markdown and JSON), and summary.txt with each step's status.
+# memory), and last the RoI pooling ops' CUDA tests and benchmark (--op roi). Everything goes to
+# OUTDIR: env.txt, *.log, pytest's junit XML, the benchmark tables (Markdown and JSON), and
+# summary.txt with each step's status.
 #
 # Without a GPU it builds, checks that the kernels compile for sm_90 and that the commands below
 # are well-formed, says which GPU steps it skipped, and exits 0. Each step has a timeout taken from
@@ -130,13 +131,19 @@ if (( GPU )); then
     --json "$OUT/bench-cuda-float32.json" || STATUS=1
   step bench-bfloat16-autocast 60 "${BENCH[@]}" --dtype bfloat16 --autocast \
     --markdown "$OUT/bench-cuda-bfloat16-autocast.md" --json "$OUT/bench-cuda-bfloat16-autocast.json" || STATUS=1
+  # The RoI pooling ops last, so that they never take time from the convolution's steps.
+  step tests-roi 60 "${PYTEST[@]}" -m cuda --junitxml="$OUT/tests-roi.xml" \
+    tests/test_roi_pool_triton.py tests/test_roi_pool.py || STATUS=1
+  step bench-roi 40 "${BENCH[@]}" --op roi --markdown "$OUT/bench-cuda-roi-float32.md" \
+    --json "$OUT/bench-cuda-roi-float32.json" || STATUS=1
 else
   # What runs without a GPU: the kernels compile for sm_90, and the commands above are well-formed.
-  step compile-kernels 120 "${PYTEST[@]}" tests/test_ops_triton.py -k "compile_for_a_gpu or registered" \
-    || STATUS=1
+  step compile-kernels 120 "${PYTEST[@]}" tests/test_ops_triton.py tests/test_roi_pool_triton.py \
+    -k "compile_for_a_gpu or registered" || STATUS=1
   step tests-collect 60 "${PYTEST[@]}" -m cuda --collect-only tests/test_ops_triton.py tests/test_ops_cuda.py \
-    || STATUS=1
+    tests/test_roi_pool_triton.py tests/test_roi_pool.py || STATUS=1
   step bench-list 30 python tools/benchmark.py --list || STATUS=1
+  step bench-list-roi 30 python tools/benchmark.py --op roi --list || STATUS=1
 fi
 say "done in $(( $(date +%s) - START ))s; status $STATUS (0: every step passed)"
 exit $STATUS

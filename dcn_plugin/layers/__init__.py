@@ -1,13 +1,18 @@
-"""Config-facing DCN layers, registered in mmengine's MODELS registries (needs mmengine, not mmcv).
+"""Config-facing DCN and RoI pooling layers, registered in mmengine's MODELS registries (needs
+mmengine, not mmcv).
 
 Importing this package (or ``dcn_plugin``, or ``custom_imports=dict(imports=['dcn_plugin'])``)
 registers:
 
-- in the ``dcn_plugin`` scope: ``dcn_plugin.DCN``, ``dcn_plugin.DCNv2``, ... (these resolve from
-  any OpenMMLab config even without the import, see ``dcn_plugin.registry``);
+- in the ``dcn_plugin`` scope: ``dcn_plugin.DCN``, ``dcn_plugin.DCNv2``, ...,
+  ``dcn_plugin.DeformRoIPoolPack``, ... (these resolve from any OpenMMLab config even without the
+  import, see ``dcn_plugin.registry``);
 - in mmengine's root registry, the bare names ``DCN``, ``DCNv2``, ``DCNv3``, ``DCN1d``, ``DCN3d``,
   ``DCNTranspose{1,2,3}d``, so that ``conv_cfg=dict(type='DCN')`` builds these layers through
-  mmcv's ``build_conv_layer`` / ``ConvModule``.
+  mmcv's ``build_conv_layer`` / ``ConvModule``; and ``DeformRoIPool``, ``DeformRoIPoolPack``,
+  ``ModulatedDeformRoIPoolPack``, ``DeformablePSRoIPooling`` (the ``dcn_plugin.ops`` modules, which
+  have mmcv's and R-FCN's arguments; mmcv 2.x registers its RoI pooling modules nowhere, and
+  mmdetection's RoI extractors look ``roi_layer`` types up in ``mmcv.ops`` by name).
 
 mmcv-full registers ``DCN`` and ``DCNv2`` in the root registry too, and registering a taken name
 raises ``KeyError``. So that the import order does not matter, mmcv-full's ops (``mmcv.ops``) are
@@ -30,6 +35,12 @@ require("dcn_plugin.layers", ["mmengine"])
 from mmengine.logging import print_log  # noqa: E402
 from mmengine.registry import MODELS as ROOT_MODELS  # noqa: E402
 
+from ..ops import (  # noqa: E402
+    DeformablePSRoIPooling,
+    DeformRoIPool,
+    DeformRoIPoolPack,
+    ModulatedDeformRoIPoolPack,
+)
 from ..registry import MODELS  # noqa: E402
 from .dcn import (  # noqa: E402
     DCN,
@@ -55,13 +66,17 @@ __all__ = [
     "DCNTranspose3d",
     "DeformGenerator",
     "LAYERS",
+    "ROI_LAYERS",
     "upgrade_dcn_state_dict",
     "register_dcn_upgrade_hook",
 ]
 
-#: Registered name -> layer, in the ``dcn_plugin`` scope and as bare names in the root registry.
+#: Registered name -> layer, in the ``dcn_plugin`` scope and as bare names in the root registry:
+#: the deformable convolutions, and the deformable RoI pooling layers.
 LAYERS = {cls.__name__: cls for cls in (DCN, DCNv2, DCNv3, DCN1d, DCN3d, DCNTranspose1d,
                                         DCNTranspose2d, DCNTranspose3d)}
+ROI_LAYERS = {cls.__name__: cls for cls in (DeformRoIPool, DeformRoIPoolPack, ModulatedDeformRoIPoolPack,
+                                            DeformablePSRoIPooling)}
 
 
 def _import_mmcv_ops() -> None:
@@ -76,19 +91,20 @@ def _import_mmcv_ops() -> None:
 
 
 def _register() -> None:
-    for name, cls in LAYERS.items():
+    layers = {**LAYERS, **ROI_LAYERS}
+    for name, cls in layers.items():
         if MODELS.module_dict.get(name) is not cls:
             MODELS.register_module(name=name, module=cls, force=True)
     _import_mmcv_ops()
     taken = []
-    for name, cls in LAYERS.items():
+    for name, cls in layers.items():
         existing = ROOT_MODELS.module_dict.get(name)
         if existing is cls:
             continue
         if existing is not None:
             taken.append(f"{name} (was {existing.__module__}.{existing.__qualname__})")
         ROOT_MODELS.register_module(name=name, module=cls, force=True)
-    served = ", ".join(LAYERS)
+    served = ", ".join(layers)
     note = f"; taken over: {', '.join(taken)}" if taken else ""
     print_log(f"dcn_plugin: {served} are served by dcn_plugin.layers in mmengine's MODELS "
               f"(bare names and 'dcn_plugin.' scope){note}", logger="current",

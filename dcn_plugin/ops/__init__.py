@@ -1,8 +1,9 @@
 """Deformable convolution ops for plain PyTorch users (no mmengine or mmcv needed).
 
 Functional: ``deform_conv{1,2,3}d``, ``deform_conv_transpose{1,2,3}d``, ``mask_softmax{1,2,3}d``,
-``mask_sigmoid``. Modules: ``DeformConv{1,2,3}d``, ``DeformConvTranspose{1,2,3}d``,
-``PackedDeformConv{1,2,3}d``, ``PackedDeformConvTranspose{1,2,3}d``.
+``mask_sigmoid``, ``deform_roi_pool``, ``deform_psroi_pool``. Modules: ``DeformConv{1,2,3}d``,
+``DeformConvTranspose{1,2,3}d``, ``PackedDeformConv{1,2,3}d``, ``PackedDeformConvTranspose{1,2,3}d``,
+``DeformRoIPool``, ``DeformRoIPoolPack``, ``ModulatedDeformRoIPoolPack``, ``DeformablePSRoIPooling``.
 """
 
 from ._library import has_ops, set_workspace_limit, with_cuda
@@ -14,6 +15,8 @@ from .functional import (
     deform_conv_transpose1d,
     deform_conv_transpose2d,
     deform_conv_transpose3d,
+    deform_psroi_pool,
+    deform_roi_pool,
     mask_sigmoid,
     mask_softmax,
     mask_softmax1d,
@@ -21,12 +24,16 @@ from .functional import (
     mask_softmax3d,
 )
 from .modules import (
+    DeformablePSRoIPooling,
     DeformConv1d,
     DeformConv2d,
     DeformConv3d,
     DeformConvTranspose1d,
     DeformConvTranspose2d,
     DeformConvTranspose3d,
+    DeformRoIPool,
+    DeformRoIPoolPack,
+    ModulatedDeformRoIPoolPack,
     PackedDeformConv1d,
     PackedDeformConv2d,
     PackedDeformConv3d,
@@ -51,6 +58,8 @@ __all__ = [
     "mask_softmax2d",
     "mask_softmax3d",
     "mask_sigmoid",
+    "deform_roi_pool",
+    "deform_psroi_pool",
     "DeformConv1d",
     "DeformConv2d",
     "DeformConv3d",
@@ -63,4 +72,8 @@ __all__ = [
     "PackedDeformConvTranspose1d",
     "PackedDeformConvTranspose2d",
     "PackedDeformConvTranspose3d",
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
+    "ModulatedDeformRoIPoolPack",
+    "DeformablePSRoIPooling",
 ]

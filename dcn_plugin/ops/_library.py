@@ -2,7 +2,9 @@
 
 The schemas of ``dcn_plugin::deform_conv`` and ``dcn_plugin::deform_conv_backward`` live in
 C++ (``csrc/deform_conv.cpp``), modelled on ``aten::convolution``: one op for 1d/2d/3d and for
-transposed convolution. Here, with ``torch.library``, we register for them:
+transposed convolution; those of the deformable RoI pooling ops ``dcn_plugin::deform_roi_pool``,
+``dcn_plugin::deform_psroi_pool`` and their backward ops in ``csrc/roi_pool.cpp``. Here, with
+``torch.library``, we register for them:
 
 - fake (meta) kernels, so ``torch.compile`` and ``torch.export`` can trace the op;
 - autograd, through the backward op (which computes only the gradients that are needed);
@@ -193,3 +195,79 @@ if _C is not None:
                                                       output_mask)
         return tuple(g if g.dim() == 1 else g.contiguous(memory_format=suggest_memory_format(t))
                      for g, t in zip(grads, (input, weight, offset, mask)))
+
+
+# --------------------------------------------------------------------------------------------
+# Deformable RoI pooling: two ops of one form, (input, rois, offset, *params) -> output, with a
+# backward op (grad_output, input, rois, offset, *params, output_mask) -> (grad_input, grad_offset).
+
+
+def _deform_roi_pool_shape(input, rois, offset, output_size, *params) -> List[int]:
+    return [rois.shape[0], input.shape[1], *output_size]
+
+
+def _deform_psroi_pool_shape(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size,
+                             *params) -> List[int]:
+    return [rois.shape[0], output_dim, pooled_size, pooled_size]
+
+
+def _register_roi_op(name: str, output_shape) -> None:
+    """Fake kernels, autograd (input and offset gradients; rois get none) and the Triton CUDA
+    kernels of ``dcn_plugin::{name}`` and ``dcn_plugin::{name}_backward``."""
+    qualname, backward_qualname = f"dcn_plugin::{name}", f"dcn_plugin::{name}_backward"
+    backward_op = getattr(torch.ops.dcn_plugin, f"{name}_backward").default
+
+    def fake(input, rois, offset, *params):
+        torch._check(rois.dim() == 2, lambda: f"{name}: rois must have shape (R, 5)")
+        return input.new_empty(output_shape(input, rois, offset, *params))
+
+    def backward_fake(grad_output, input, rois, offset, *params_and_mask):
+        output_mask = params_and_mask[-1]
+        return (torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0]
+                else input.new_empty((0,)),
+                torch.empty_like(offset, memory_format=torch.contiguous_format)
+                if output_mask[1] and offset is not None else input.new_empty((0,)))
+
+    def setup_context(ctx, inputs, output):
+        input, rois, offset = inputs[:3]
+        ctx.save_for_backward(input, rois, offset)
+        ctx.params = inputs[3:]
+
+    def backward(ctx, grad_output):
+        input, rois, offset = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        output_mask = [needs[0], offset is not None and needs[2]]
+        grad_input = grad_offset = None
+        if any(output_mask):
+            result = backward_op(grad_output, input, rois, offset, *ctx.params, output_mask)
+            grad_input, grad_offset = (g if m else None for g, m in zip(result, output_mask))
+        return (grad_input, None, grad_offset, *[None] * len(ctx.params))
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(f"dcn_plugin.{name}: double backward (gradients of gradients) is not supported")
+
+    torch.library.register_fake(qualname)(fake)
+    torch.library.register_fake(backward_qualname)(backward_fake)
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    torch.library.register_autograd(backward_qualname, no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+    def cuda(*args):
+        return getattr(_roi_driver(), name)(*args)
+
+    def backward_cuda(*args):
+        return getattr(_roi_driver(), f"{name}_backward")(*args)
+
+    torch.library.register_kernel(qualname, "cuda")(cuda)
+    torch.library.register_kernel(backward_qualname, "cuda")(backward_cuda)
+
+
+def _roi_driver():
+    """``dcn_plugin.ops.triton.roi_pool``, imported on first use (it imports triton)."""
+    _triton_driver()  # the same error when triton is missing
+    return importlib.import_module("dcn_plugin.ops.triton.roi_pool")
+
+
+if _C is not None:
+    _register_roi_op("deform_roi_pool", _deform_roi_pool_shape)
+    _register_roi_op("deform_psroi_pool", _deform_psroi_pool_shape)

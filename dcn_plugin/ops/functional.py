@@ -1,4 +1,5 @@
-"""Functional API: deformable convolution in 1d, 2d and 3d, plain and transposed.
+"""Functional API: deformable convolution in 1d, 2d and 3d, plain and transposed, and deformable
+RoI pooling (``deform_roi_pool``, mmcv's; ``deform_psroi_pool``, R-FCN's position-sensitive one).
 
 Names and argument order follow tvdcn (``deform_conv2d(input, weight, offset, mask, bias, stride,
 padding, dilation, groups)``); the 2d offset/mask layout is torchvision's and mmcv's.
@@ -41,6 +42,8 @@ __all__ = [
     "mask_softmax2d",
     "mask_softmax3d",
     "mask_sigmoid",
+    "deform_roi_pool",
+    "deform_psroi_pool",
 ]
 
 
@@ -231,3 +234,87 @@ def _mask_softmax_nd(n: int):
 mask_softmax1d = _mask_softmax_nd(1)
 mask_softmax2d = _mask_softmax_nd(2)
 mask_softmax3d = _mask_softmax_nd(3)
+
+
+def deform_roi_pool(
+    input: Tensor,
+    rois: Tensor,
+    offset: Optional[Tensor],
+    output_size: IntOrTuple,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+) -> Tensor:
+    """Deformable RoI pooling as mmcv's ``deform_roi_pool`` (same arguments, same results).
+
+    Bin ``(i, j)`` of each RoI averages the input, bilinearly interpolated, at a grid of points
+    inside the bin (RoIAlign), the whole bin shifted by ``gamma * offset[r, :, i, j] * (w, h)`` for
+    a RoI of width ``w`` and height ``h`` on the feature map. Without an offset this is mmcv's
+    RoIAlign (``aligned=True``: RoI corners are moved by half a pixel).
+
+    Args:
+        input: ``(B, C, H, W)``.
+        rois: ``(R, 5)`` rows ``[batch_index, x1, y1, x2, y2]`` in image coordinates.
+        offset: ``(R, 2, out_h, out_w)`` (x, then y) or None.
+        output_size: ``out_h, out_w`` (an int for both).
+        spatial_scale: feature-map size over image size (1 / stride).
+        sampling_ratio: samples per bin along each axis; 0 takes ``ceil(bin size)`` per RoI.
+        gamma: scale of the offsets.
+
+    Returns:
+        ``(R, C, out_h, out_w)``.
+
+    Example:
+        >>> x = torch.randn(2, 16, 32, 32)
+        >>> rois = torch.tensor([[0, 4.0, 4.0, 60.0, 40.0], [1, 0.0, 8.0, 30.0, 30.0]])
+        >>> deform_roi_pool(x, rois, None, 7, spatial_scale=0.5).shape
+        torch.Size([2, 16, 7, 7])
+    """
+    require_ops()
+    size = list(_ntuple(output_size, 2, "output_size"))
+    return torch.ops.dcn_plugin.deform_roi_pool(input, rois, offset, size, float(spatial_scale),
+                                                int(sampling_ratio), float(gamma))
+
+
+def deform_psroi_pool(
+    input: Tensor,
+    rois: Tensor,
+    offset: Optional[Tensor],
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: Optional[int] = None,
+    sample_per_part: int = 1,
+    trans_std: float = 0.0,
+) -> Tensor:
+    """Deformable position-sensitive RoI pooling as R-FCN / Deformable ConvNets'
+    ``DeformablePSROIPooling`` (same arguments; ``offset=None`` is its ``no_trans=True``).
+
+    Output channel ``c`` of bin ``(i, j)`` averages input channel ``(c * G + gi) * G + gj``
+    (``gi = i * G // pooled_size``, ``G = group_size``) at ``sample_per_part ** 2`` points of the
+    bin, all shifted by ``trans_std * offset[r, 2k:2k+2, pi, pj] * (w, h)`` for the offset class
+    ``k = c // (output_dim / classes)`` and part ``pi = i * part_size // pooled_size``. RoI corners are
+    rounded to whole image pixels; only samples within half a pixel of the feature map count.
+
+    Args:
+        input: ``(B, output_dim * group_size ** 2, H, W)``.
+        rois: ``(R, 5)`` rows ``[batch_index, x1, y1, x2, y2]`` in image coordinates.
+        offset: ``(R, 2 * classes, part_size, part_size)`` (per class: x, then y), ``classes``
+            dividing ``output_dim``; or None (no offsets).
+        spatial_scale: feature-map size over image size (1 / stride).
+        output_dim: output channels.
+        group_size: position-sensitive groups per side.
+        pooled_size: bins per side.
+        part_size: offset parts per side (default ``pooled_size``).
+        sample_per_part: samples per bin along each axis.
+        trans_std: scale of the offsets.
+
+    Returns:
+        ``(R, output_dim, pooled_size, pooled_size)``.
+    """
+    require_ops()
+    part_size = pooled_size if part_size in (None, 0) else part_size  # R-FCN: 0 means pooled_size
+    return torch.ops.dcn_plugin.deform_psroi_pool(input, rois, offset, float(spatial_scale), output_dim,
+                                                  group_size, pooled_size, part_size, sample_per_part,
+                                                  float(trans_std))

@@ -18,6 +18,10 @@ Shapes, with ``N`` spatial dims and ``K = prod(kernel_size)`` kernel points:
 
 Each idea is written once: :class:`_DeformConvNd`, :class:`_DeformConvTransposeNd` and the packed
 mixin :class:`_PackedDeformMixin`; the public classes only fix the number of spatial dims.
+
+Deformable RoI pooling: ``DeformRoIPool``, ``DeformRoIPoolPack`` and ``ModulatedDeformRoIPoolPack``
+have mmcv's constructor arguments, state_dict keys (``offset_fc.*``, ``mask_fc.*``) and outputs;
+``DeformablePSRoIPooling`` has R-FCN's arguments.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
-from torch.nn.modules.utils import _ntuple
+from torch.nn.modules.utils import _ntuple, _pair
 
-from .functional import deform_conv, mask_softmax
+from .functional import deform_conv, deform_psroi_pool, deform_roi_pool, mask_softmax
 
 __all__ = [
     "DeformConv1d",
@@ -45,6 +49,10 @@ __all__ = [
     "PackedDeformConvTranspose1d",
     "PackedDeformConvTranspose2d",
     "PackedDeformConvTranspose3d",
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
+    "ModulatedDeformRoIPoolPack",
+    "DeformablePSRoIPooling",
 ]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -543,3 +551,126 @@ class PackedDeformConvTranspose2d(_PackedDeformConvTransposeNd, DeformConvTransp
 
 class PackedDeformConvTranspose3d(_PackedDeformConvTransposeNd, DeformConvTranspose3d):
     """:class:`DeformConvTranspose3d` with pointwise offset/mask generators on the input grid."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Deformable RoI pooling
+
+
+class DeformRoIPool(nn.Module):
+    """mmcv's ``DeformRoIPool``: :func:`~dcn_plugin.ops.deform_roi_pool` with fixed parameters.
+
+    ``forward(input (B, C, H, W), rois (R, 5), offset (R, 2, *output_size) or None)`` returns
+    ``(R, C, *output_size)``.
+    """
+
+    def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 0,
+                 gamma: float = 0.1) -> None:
+        super().__init__()
+        self.output_size = _pair(output_size)
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.gamma = float(gamma)
+
+    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+        return deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
+                               self.gamma)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}")
+
+
+def _fc_stack(in_features: int, hidden: int, out_features: int, hidden_layers: int,
+              activation: Optional[nn.Module] = None) -> nn.Sequential:
+    """mmcv's offset / mask head: ``hidden_layers`` Linear + ReLU, a last Linear (zero-initialised,
+    so the layer starts without offsets) and an optional activation."""
+    layers: List[nn.Module] = []
+    for i in range(hidden_layers):
+        layers += [nn.Linear(in_features if i == 0 else hidden, hidden), nn.ReLU(inplace=True)]
+    last = nn.Linear(hidden, out_features)
+    init.zeros_(last.weight)
+    init.zeros_(last.bias)
+    return nn.Sequential(*layers, last, *([activation] if activation is not None else []))
+
+
+class DeformRoIPoolPack(DeformRoIPool):
+    """mmcv's ``DeformRoIPoolPack``: the offsets come from the RoI pooled without them, through
+    ``offset_fc`` (Linear, ReLU, Linear, ReLU, Linear to ``2 * out_h * out_w``; the last zeroed).
+
+    ``forward(input (B, output_channels, H, W), rois (R, 5))`` returns ``(R, output_channels, *output_size)``.
+    """
+
+    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
+                 spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1) -> None:
+        super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
+        self.output_channels = output_channels
+        self.deform_fc_channels = deform_fc_channels
+        bins = self.output_size[0] * self.output_size[1]
+        self.offset_fc = _fc_stack(bins * output_channels, deform_fc_channels, 2 * bins, hidden_layers=2)
+
+    def _pool_and_offset(self, input: Tensor, rois: Tensor) -> Tuple[Tensor, Tensor]:
+        """The RoIs pooled without offsets, flattened ``(R, C * bins)``, and their offsets."""
+        if input.dim() != 4 or input.shape[1] != self.output_channels:
+            raise ValueError(f"{type(self).__name__}: input must have shape (B, output_channels="
+                             f"{self.output_channels}, H, W), got {tuple(input.shape)}")
+        pooled = super().forward(input, rois).flatten(1)
+        return pooled, self.offset_fc(pooled).view(-1, 2, *self.output_size)
+
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
+        _, offset = self._pool_and_offset(input, rois)
+        return super().forward(input, rois, offset)
+
+
+class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
+    """mmcv's ``ModulatedDeformRoIPoolPack``: :class:`DeformRoIPoolPack` times a mask per bin from
+    ``mask_fc`` (Linear, ReLU, Linear to ``out_h * out_w`` (zeroed), Sigmoid): 0.5 at initialisation.
+    """
+
+    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
+                 spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1) -> None:
+        super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio,
+                         gamma)
+        bins = self.output_size[0] * self.output_size[1]
+        self.mask_fc = _fc_stack(bins * output_channels, deform_fc_channels, bins, hidden_layers=1,
+                                 activation=nn.Sigmoid())
+
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
+        pooled, offset = self._pool_and_offset(input, rois)
+        mask = self.mask_fc(pooled).view(-1, 1, *self.output_size)
+        return DeformRoIPool.forward(self, input, rois, offset) * mask
+
+
+class DeformablePSRoIPooling(nn.Module):
+    """R-FCN's ``DeformablePSROIPooling``: :func:`~dcn_plugin.ops.deform_psroi_pool` with fixed
+    parameters; with ``no_trans=True`` it takes no offset (position-sensitive RoI pooling).
+
+    ``forward(input (B, output_dim * group_size^2, H, W), rois (R, 5), offset (R, 2 * classes,
+    part_size, part_size))`` returns ``(R, output_dim, pooled_size, pooled_size)``.
+    """
+
+    def __init__(self, spatial_scale: float, output_dim: int, group_size: int, pooled_size: int,
+                 part_size: Optional[int] = None, sample_per_part: int = 1, trans_std: float = 0.0,
+                 no_trans: bool = False) -> None:
+        super().__init__()
+        self.spatial_scale = float(spatial_scale)
+        self.output_dim = output_dim
+        self.group_size = group_size
+        self.pooled_size = pooled_size
+        self.part_size = pooled_size if part_size in (None, 0) else part_size
+        self.sample_per_part = sample_per_part
+        self.trans_std = float(trans_std)
+        self.no_trans = no_trans
+
+    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+        if self.no_trans:
+            offset = None
+        elif offset is None:
+            raise ValueError("DeformablePSRoIPooling: offset is required unless no_trans=True")
+        return deform_psroi_pool(input, rois, offset, self.spatial_scale, self.output_dim, self.group_size,
+                                 self.pooled_size, self.part_size, self.sample_per_part, self.trans_std)
+
+    def extra_repr(self) -> str:
+        names = ("spatial_scale", "output_dim", "group_size", "pooled_size", "part_size", "sample_per_part",
+                 "trans_std", "no_trans")
+        return ", ".join(f"{name}={getattr(self, name)}" for name in names)

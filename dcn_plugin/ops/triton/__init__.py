@@ -13,6 +13,9 @@ pieces that are each simple to check under the interpreter (one gather/scatter k
 ``torch.bmm``, which is cuBLAS), and keeps one algebra and one dtype policy for both devices.
 Implicit GEMM can replace the sampling + matmul of the forward later, behind the same driver
 functions, once a GPU run says where the time goes.
+
+The deformable RoI pooling ops have one kernel of their own (``roi_pool.py``): a program pools one
+bin of one RoI for a tile of channels, with no matrix product to feed.
 """
 
 from .driver import deform_conv, deform_conv_backward

@@ -59,14 +59,16 @@ def chunk_width(g: Geometry, dtype: torch.dtype, column_buffers: int, coordinate
     return max(1, workspace_limit() // max(per_column, 1))
 
 
-def alert_scatter(what: str) -> None:
-    """The scatter onto the image uses atomic adds; say so under deterministic mode."""
+def alert_scatter(what: str, op: str = "dcn_plugin::deform_conv",
+                  deterministic: str = "the offset, mask and weight gradients") -> None:
+    """The scatter onto the image uses atomic adds; say so under deterministic mode (``deterministic``:
+    what the op computes deterministically on CUDA)."""
     if not torch.are_deterministic_algorithms_enabled():
         return
-    message = (f"dcn_plugin::deform_conv (Triton kernels, used on CUDA): {what} is scattered with atomic "
+    message = (f"{op} (Triton kernels, used on CUDA): {what} is scattered with atomic "
                "adds, which is not deterministic, and there is no deterministic implementation, but "
                "torch.use_deterministic_algorithms(True) is set. The CPU op is deterministic; on CUDA, "
-               "the offset, mask and weight gradients are.")
+               f"{deterministic} are.")
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(message, stacklevel=3)
     else:

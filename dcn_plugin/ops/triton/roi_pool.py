@@ -1,0 +1,335 @@
+"""The Triton implementation of the deformable RoI pooling ops (``dcn_plugin::deform_roi_pool``,
+``dcn_plugin::deform_psroi_pool`` and their backward ops).
+
+Both ops are one computation with different rules (``csrc/roi_pool.h`` describes it): the op's C++
+checks run first and build the RoI table (batch index, corner, size and samples per bin of each RoI,
+``torch.ops.dcn_plugin._deform_roi_pool_table`` / ``_deform_psroi_pool_table``, the CPU kernels'
+own); :class:`RoiPoolSpec` holds the rest of the rule, and one kernel, :func:`roi_pool_kernel`, does
+the forward pass and the backward pass, picked by constexpr flags.
+
+A program covers one bin of one RoI and a tile of ``BLOCK_C`` channels of one offset class, so the
+bin's sampling positions are scalars, computed once, and every sample is a vector load of the
+tile's channels from the input read channels-last per position-sensitive group,
+``(B, H, W, G * G, C)``. Positions and sums are in ``ACC`` (float32, float64 for double).
+
+- Forward: the average of the bin's samples, stored straight into the output ``(R, C, PH, PW)``.
+- Input gradient: scattered with ``tl.atomic_add`` into a ``(B, H, W, G * G, C)`` buffer in ``ACC``
+  (RoIs overlap); under ``torch.use_deterministic_algorithms(True)`` this raises an error naming
+  the op, as the convolution's scatter does.
+- Offset gradient: each program writes its tile's partial sums, which the driver adds up over
+  tiles and over the bins of each offset part in a fixed order: deterministic.
+
+These functions take the ops' arguments and work on CUDA tensors, or on CPU tensors under Triton's
+interpreter (``TRITON_INTERPRET=1``), which is how the tests check the kernel without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .driver import _device_of, alert_scatter
+
+
+@triton.jit
+def _clamp_axis(pos, size, MARGIN: tl.constexpr):
+    """RoIAlign's clamped interpolation along one axis (``clamp_axis`` in ``csrc/roi_pool.h``):
+    whether ``pos`` is within ``MARGIN`` of ``[0, size - 1]``, the two neighbours of the clamped
+    position (always inside the map), their weights (0 when not valid), and d frac / d pos (1 inside,
+    0 where clamped)."""
+    last = size - 1.0
+    valid = (pos >= -MARGIN) & (pos <= last + MARGIN)
+    inside = (pos > 0) & (pos < last)
+    clamped = tl.where(inside, pos, tl.where(pos > 0, last, 0.0))
+    low = tl.floor(clamped)
+    frac = clamped - low
+    low_index = low.to(tl.int64)
+    high_index = tl.where(inside, low_index + 1, low_index)
+    return (valid, low_index, high_index, tl.where(valid, 1.0 - frac, 0.0), tl.where(valid, frac, 0.0),
+            tl.where(inside, 1.0, 0.0))
+
+
+_INTEGER_ARGUMENTS = ["items", "channels", "per_class", "tiles_per_class", "height", "width", "groups",
+                      "group_size", "pooled_h", "pooled_w", "part_h", "part_w", "classes"]
+
+
+@triton.jit(do_not_specialize=_INTEGER_ARGUMENTS)
+def roi_pool_kernel(
+    input, table, offset, grad_output, output, grad_input, partial,
+    items, channels, per_class, tiles_per_class, height, width, groups, group_size,
+    pooled_h, pooled_w, part_h, part_w, classes, scale,
+    ALIGN: tl.constexpr, MARGIN: tl.constexpr, COUNT_VALID: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    FORWARD: tl.constexpr, INPUT_GRAD: tl.constexpr, OFFSET_GRAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """See the module docstring. Shapes: input ``(B, H, W, groups, C)``, table ``(R, 7)`` in ``ACC``
+    (columns batch, y0, x0, height, width, grid_h, grid_w: ``RoiColumn`` in ``csrc/roi_pool.h``),
+    scale ``(1,)`` in ``ACC`` (the offsets' scale),
+    offset ``(R, classes, 2, part_h, part_w)``, grad_output and output ``(R, C, PH, PW)``,
+    grad_input ``(B, H, W, groups, C)`` in ``ACC``, partial ``(classes * tiles, items = R * PH * PW, 2)``
+    in ``ACC``."""
+    item = tl.program_id(0).to(tl.int64)  # RoI r, bin q
+    class_tile = tl.program_id(1)
+    bins = pooled_h * pooled_w
+    r = item // bins
+    q = item % bins
+    ph = q // pooled_w
+    pw = q % pooled_w
+    k = class_tile // tiles_per_class
+    local = (class_tile % tiles_per_class) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = local < per_class
+    c = (k * per_class + local).to(tl.int64)
+    group = tl.minimum(ph * group_size // pooled_h, group_size - 1) * group_size + \
+        tl.minimum(pw * group_size // pooled_w, group_size - 1)
+    part = (ph * part_h // pooled_h) * part_w + pw * part_w // pooled_w
+
+    row = table + r * 7
+    batch = tl.load(row).to(tl.int64)
+    roi_h = tl.load(row + 3)
+    roi_w = tl.load(row + 4)
+    grid_h = tl.load(row + 5).to(tl.int32)
+    grid_w = tl.load(row + 6).to(tl.int32)
+    bin_h = roi_h / pooled_h
+    bin_w = roi_w / pooled_w
+    y0 = tl.load(row + 1) + ph * bin_h
+    x0 = tl.load(row + 2) + pw * bin_w
+    offset_scale = tl.load(scale)
+    dx_doffset = offset_scale * roi_w
+    dy_doffset = offset_scale * roi_h
+    if HAS_OFFSET:
+        o = offset + (r * classes + k) * 2 * part_h * part_w + part
+        x0 += tl.load(o).to(ACC) * dx_doffset
+        y0 += tl.load(o + part_h * part_w).to(ACC) * dy_doffset
+    step_y = bin_h / tl.maximum(grid_h, 1)
+    step_x = bin_w / tl.maximum(grid_w, 1)
+
+    if COUNT_VALID:  # R-FCN: the average of the valid samples (validity is per axis)
+        valid_y = tl.full((), 0, tl.int32)
+        for iy in range(0, grid_h):
+            valid_y += _clamp_axis(y0 + (iy + ALIGN) * step_y, height, MARGIN)[0].to(tl.int32)
+        valid_x = tl.full((), 0, tl.int32)
+        for ix in range(0, grid_w):
+            valid_x += _clamp_axis(x0 + (ix + ALIGN) * step_x, width, MARGIN)[0].to(tl.int32)
+        count = valid_y * valid_x
+    else:  # mmcv: samples off the map count as zeros
+        count = tl.maximum(grid_h * grid_w, 1)
+    inverse = tl.where(count > 0, 1.0 / tl.maximum(count, 1).to(ACC), 0.0)
+
+    pixel_stride = groups * channels
+    plane = (batch * height * width * groups + group) * channels + c
+    if INPUT_GRAD or OFFSET_GRAD:
+        grad = tl.load(grad_output + (r * channels + c) * bins + q, mask=channel_ok, other=0.0).to(ACC)
+    value = tl.zeros((BLOCK_C,), ACC)
+    slope_x = tl.zeros((BLOCK_C,), ACC)
+    slope_y = tl.zeros((BLOCK_C,), ACC)
+    for iy in range(0, grid_h):
+        y = y0 + (iy + ALIGN) * step_y
+        _, y_low, y_high, wy_low, wy_high, dy = _clamp_axis(y, height, MARGIN)
+        for ix in range(0, grid_w):
+            x = x0 + (ix + ALIGN) * step_x
+            _, x_low, x_high, wx_low, wx_high, dx = _clamp_axis(x, width, MARGIN)
+            # An invalid sample has weight 0 and reads inside the map: no per-sample mask (Triton's
+            # interpreter cannot combine a scalar mask with a vector one).
+            ok = channel_ok
+            ll = plane + (y_low * width + x_low) * pixel_stride
+            lh = plane + (y_low * width + x_high) * pixel_stride
+            hl = plane + (y_high * width + x_low) * pixel_stride
+            hh = plane + (y_high * width + x_high) * pixel_stride
+            if FORWARD or OFFSET_GRAD:
+                v_ll = tl.load(input + ll, mask=ok, other=0.0).to(ACC)
+                v_lh = tl.load(input + lh, mask=ok, other=0.0).to(ACC)
+                v_hl = tl.load(input + hl, mask=ok, other=0.0).to(ACC)
+                v_hh = tl.load(input + hh, mask=ok, other=0.0).to(ACC)
+                if FORWARD:
+                    value += wy_low * (wx_low * v_ll + wx_high * v_lh)
+                    value += wy_high * (wx_low * v_hl + wx_high * v_hh)
+                if OFFSET_GRAD:
+                    slope_x += dx * (wy_low * (v_lh - v_ll) + wy_high * (v_hh - v_hl))
+                    slope_y += dy * (wx_low * (v_hl - v_ll) + wx_high * (v_hh - v_lh))
+            if INPUT_GRAD:
+                g = grad * inverse
+                tl.atomic_add(grad_input + ll, g * (wy_low * wx_low), mask=ok)
+                tl.atomic_add(grad_input + lh, g * (wy_low * wx_high), mask=ok)
+                tl.atomic_add(grad_input + hl, g * (wy_high * wx_low), mask=ok)
+                tl.atomic_add(grad_input + hh, g * (wy_high * wx_high), mask=ok)
+    if FORWARD:
+        tl.store(output + (r * channels + c) * bins + q, (value * inverse).to(output.dtype.element_ty),
+                 mask=channel_ok)
+    if OFFSET_GRAD:
+        slot = partial + (class_tile * items + item) * 2
+        tl.store(slot, tl.sum(grad * slope_x, axis=0) * inverse * dx_doffset)
+        tl.store(slot + 1, tl.sum(grad * slope_y, axis=0) * inverse * dy_doffset)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoiPoolSpec:
+    """The rule of one call (``RoiPoolSpec`` in ``csrc/roi_pool.h``): sample alignment in the bin,
+    validity margin, divisor, position-sensitive groups, offset parts and classes."""
+
+    op: str
+    align: float
+    margin: float
+    count_valid: bool
+    pooled: Tuple[int, int]
+    group_size: int
+    parts: Tuple[int, int]
+    classes: int
+    channels: int  # C, output channels
+    offset_scale: float
+
+    @property
+    def bins(self) -> int:
+        return self.pooled[0] * self.pooled[1]
+
+    def part_matrix(self, device, dtype) -> Optional[Tensor]:
+        """``(bins, parts)`` one-hot: the part of each bin; None where every bin is its own part."""
+        if self.parts == self.pooled:
+            return None
+        (ph, pw), (qh, qw) = self.pooled, self.parts
+        index = [(i * qh // ph) * qw + j * qw // pw for i in range(ph) for j in range(pw)]
+        return torch.nn.functional.one_hot(torch.tensor(index), qh * qw).to(device, dtype)
+
+
+def _mmcv_spec(input: Tensor, output_size: Sequence[int], gamma: float) -> RoiPoolSpec:
+    size = (int(output_size[0]), int(output_size[1]))
+    return RoiPoolSpec("dcn_plugin::deform_roi_pool", align=0.5, margin=1.0, count_valid=False, pooled=size,
+                       group_size=1, parts=size, classes=1, channels=input.shape[1], offset_scale=gamma)
+
+
+def _rfcn_spec(offset: Optional[Tensor], output_dim: int, group_size: int, pooled_size: int, part_size: int,
+               trans_std: float) -> RoiPoolSpec:
+    classes = 1 if offset is None else offset.shape[1] // 2
+    return RoiPoolSpec("dcn_plugin::deform_psroi_pool", align=0.0, margin=0.5, count_valid=True,
+                       pooled=(pooled_size, pooled_size), group_size=group_size, parts=(part_size, part_size),
+                       classes=classes, channels=output_dim, offset_scale=trans_std)
+
+
+def _channels_last(spec: RoiPoolSpec, input: Tensor) -> Tensor:
+    """``(B, C * G * G, H, W) -> (B, H, W, G * G, C)``: input channel ``c * G * G + g`` to ``[..., g, c]``."""
+    batch, _, height, width = input.shape
+    groups = spec.group_size ** 2
+    return input.reshape(batch, spec.channels, groups, height, width).permute(0, 3, 4, 2, 1).contiguous()
+
+
+def _block_channels(spec: RoiPoolSpec) -> int:
+    return min(64, triton.next_power_of_2(max(spec.channels // spec.classes, 1)))
+
+
+def _launch(spec: RoiPoolSpec, input_cl: Tensor, table: Tensor, offset: Optional[Tensor], *,
+            grad_output: Optional[Tensor] = None, output: Optional[Tensor] = None,
+            grad_input: Optional[Tensor] = None, partial: Optional[Tensor] = None) -> None:
+    """Runs :func:`roi_pool_kernel` over every bin of every RoI: the forward pass into ``output``, the
+    input gradient into ``grad_input`` and the offset gradient's partial sums into ``partial``."""
+    rois, per_class = table.shape[0], spec.channels // spec.classes
+    if rois == 0 or per_class == 0:
+        return
+    if not input_cl.is_cuda and isinstance(roi_pool_kernel, triton.runtime.jit.JITFunction):
+        raise RuntimeError("dcn_plugin's Triton kernels run on CPU tensors only under Triton's interpreter: "
+                           "set TRITON_INTERPRET=1 before triton is first imported")
+    block = _block_channels(spec)
+    tiles = triton.cdiv(per_class, block)
+    batch, height, width, groups, _ = input_cl.shape
+
+    def pointer(t):
+        return input_cl if t is None else t
+
+    roi_pool_kernel[(rois * spec.bins, spec.classes * tiles)](
+        input_cl, table, pointer(offset), pointer(grad_output), pointer(output), pointer(grad_input),
+        pointer(partial), rois * spec.bins, spec.channels, per_class, tiles, height, width, groups,
+        spec.group_size, *spec.pooled, *spec.parts, spec.classes,
+        torch.full((1,), spec.offset_scale, dtype=table.dtype, device=table.device),
+        ALIGN=spec.align, MARGIN=spec.margin, COUNT_VALID=spec.count_valid, HAS_OFFSET=offset is not None,
+        FORWARD=output is not None, INPUT_GRAD=grad_input is not None, OFFSET_GRAD=partial is not None,
+        ACC=tl.float64 if table.dtype == torch.float64 else tl.float32, BLOCK_C=block,
+    )
+
+
+def _forward(spec: RoiPoolSpec, input: Tensor, table: Tensor, offset: Optional[Tensor]) -> Tensor:
+    output = input.new_empty(table.shape[0], spec.channels, *spec.pooled)
+    with _device_of(input):
+        _launch(spec, _channels_last(spec, input), table, None if offset is None else offset.contiguous(),
+                output=output)
+    return output
+
+
+def _backward(spec: RoiPoolSpec, grad_output: Tensor, input: Tensor, table: Tensor, offset: Optional[Tensor],
+              output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor]:
+    need_input, need_offset = output_mask[0], output_mask[1] and offset is not None
+    grad_input, grad_offset = input.new_empty((0,)), input.new_empty((0,))
+    if not (need_input or need_offset):
+        return grad_input, grad_offset
+    if need_input:
+        alert_scatter("the gradient of the input", op=f"{spec.op}_backward", deterministic="offset gradients")
+    rois, acc = table.shape[0], table.dtype
+    batch, _, height, width = input.shape
+    groups = spec.group_size ** 2
+    input_cl = _channels_last(spec, input)
+    tiles = triton.cdiv(spec.channels // spec.classes, _block_channels(spec)) if spec.channels else 0
+    scatter = input.new_zeros(batch, height, width, groups, spec.channels, dtype=acc) if need_input else None
+    partial = input.new_zeros(spec.classes * tiles, rois * spec.bins, 2, dtype=acc) if need_offset else None
+    with _device_of(input):
+        _launch(spec, input_cl, table, None if offset is None else offset.contiguous(),
+                grad_output=grad_output.contiguous(), grad_input=scatter, partial=partial)
+    if need_input:
+        grad_input = scatter.permute(0, 4, 3, 1, 2).reshape(input.shape).to(input.dtype)
+    if need_offset:
+        grad_offset = _offset_gradient(spec, partial, tiles, rois).to(offset.dtype)
+    return grad_input, grad_offset
+
+
+def _offset_gradient(spec: RoiPoolSpec, partial: Tensor, tiles: int, rois: int) -> Tensor:
+    """Adds the kernel's partial sums ``(classes * tiles, R * bins, 2)`` up over the tiles of each
+    class and the bins of each part, into ``(R, 2 * classes, *parts)``, in a fixed order."""
+    per_bin = partial.view(spec.classes, tiles, rois, spec.bins, 2).sum(1)  # (classes, R, bins, 2)
+    matrix = spec.part_matrix(partial.device, partial.dtype)
+    per_part = per_bin if matrix is None else torch.einsum("krbd,bp->krpd", per_bin, matrix)
+    return per_part.permute(1, 0, 3, 2).reshape(rois, 2 * spec.classes, *spec.parts).contiguous()
+
+
+def deform_roi_pool(input: Tensor, rois: Tensor, offset: Optional[Tensor], output_size: Sequence[int],
+                    spatial_scale: float, sampling_ratio: int, gamma: float) -> Tensor:
+    """``dcn_plugin::deform_roi_pool`` (same arguments); returns ``(R, C, *output_size)``."""
+    table = torch.ops.dcn_plugin._deform_roi_pool_table(input, rois, offset, output_size, spatial_scale,
+                                                        sampling_ratio, gamma, None)
+    return _forward(_mmcv_spec(input, output_size, gamma), input, table, offset)
+
+
+def deform_roi_pool_backward(grad_output: Tensor, input: Tensor, rois: Tensor, offset: Optional[Tensor],
+                             output_size: Sequence[int], spatial_scale: float, sampling_ratio: int,
+                             gamma: float, output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor]:
+    """``dcn_plugin::deform_roi_pool_backward``: the input and offset gradients asked for (else empty)."""
+    table = torch.ops.dcn_plugin._deform_roi_pool_table(input, rois, offset, output_size, spatial_scale,
+                                                        sampling_ratio, gamma, grad_output)
+    return _backward(_mmcv_spec(input, output_size, gamma), grad_output, input, table, offset, output_mask)
+
+
+def deform_psroi_pool(input: Tensor, rois: Tensor, offset: Optional[Tensor], spatial_scale: float,
+                      output_dim: int, group_size: int, pooled_size: int, part_size: int,
+                      sample_per_part: int, trans_std: float) -> Tensor:
+    """``dcn_plugin::deform_psroi_pool`` (same arguments); returns ``(R, output_dim, P, P)``."""
+    table = torch.ops.dcn_plugin._deform_psroi_pool_table(input, rois, offset, spatial_scale, output_dim,
+                                                          group_size, pooled_size, part_size, sample_per_part,
+                                                          trans_std, None)
+    spec = _rfcn_spec(offset, output_dim, group_size, pooled_size, part_size, trans_std)
+    return _forward(spec, input, table, offset)
+
+
+def deform_psroi_pool_backward(grad_output: Tensor, input: Tensor, rois: Tensor, offset: Optional[Tensor],
+                               spatial_scale: float, output_dim: int, group_size: int, pooled_size: int,
+                               part_size: int, sample_per_part: int, trans_std: float,
+                               output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor]:
+    """``dcn_plugin::deform_psroi_pool_backward``: the input and offset gradients asked for (else empty)."""
+    table = torch.ops.dcn_plugin._deform_psroi_pool_table(input, rois, offset, spatial_scale, output_dim,
+                                                          group_size, pooled_size, part_size, sample_per_part,
+                                                          trans_std, grad_output)
+    spec = _rfcn_spec(offset, output_dim, group_size, pooled_size, part_size, trans_std)
+    return _backward(spec, grad_output, input, table, offset, output_mask)
+
+
+__all__ = ["deform_roi_pool", "deform_roi_pool_backward", "deform_psroi_pool", "deform_psroi_pool_backward",
+           "RoiPoolSpec"]

@@ -1,0 +1,154 @@
+"""The Triton kernel of the RoI pooling ops (``dcn_plugin/ops/triton/roi_pool.py``) against
+``tests/roi_reference.py``.
+
+Each test runs through the ``triton_device`` fixture (conftest.py): on CPU tensors under Triton's
+interpreter, with the ops' CPU kernels replaced by the Triton driver, so that the public API,
+autograd and the ops' C++ argument checks run the kernel as on a GPU; and on CUDA tensors through
+the registered CUDA kernels where there is a GPU. The interpreter is slow, so the cases are tiny.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from roi_reference import RoiCase, make_roi_tensors, roi_forward_backward, run_roi_op
+from test_ops_triton import NO_TRITON, TRITON_IMPORTABLE, _env_without_interpreter
+from test_roi_pool import CASES, assert_half_type_like_plain_torch, assert_matches_reference
+
+from dcn_plugin import ops
+
+
+def _tiny(name: str, **changes) -> RoiCase:
+    return CASES[name].replace(**{"size": (6, 7), **changes})
+
+
+@pytest.mark.parametrize("name", ["roi", "roi-adaptive", "roi-no-offset", "psroi", "psroi-classes",
+                                  "psroi-parts-finer"])
+def test_float64_against_reference(triton_device, name):
+    case = _tiny(name)
+    assert_matches_reference(case, make_roi_tensors(case, rois=7, device=triton_device))
+
+
+@pytest.mark.parametrize("kind", ["roi", "psroi"])
+def test_float32_channels_past_one_tile(triton_device, kind):
+    """More channels than one program's tile (64), in float32."""
+    case = _tiny(kind, channels=70, size=(5, 6))
+    tensors = make_roi_tensors(case, rois=3, dtype=torch.float32, device=triton_device, seed=2)
+    assert_matches_reference(case, tensors, float64=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["roi", "psroi"])
+def test_half_types(triton_device, kind, dtype):
+    assert_half_type_like_plain_torch(_tiny(kind, channels=8), dtype, triton_device, rois=4)
+
+
+@pytest.mark.parametrize("kind", ["roi", "psroi"])
+def test_no_rois(triton_device, kind):
+    case = _tiny(kind)
+    tensors = make_roi_tensors(case, rois=0, device=triton_device)
+    out, grads = roi_forward_backward(run_roi_op, case, tensors)
+    assert out.shape == (0, case.channels, *case.pooled)
+    assert not grads["input"].any() and grads["offset"].shape == case.offset_shape(0)
+
+
+@pytest.mark.parametrize("output_mask", [[True, False], [False, True]], ids=["input", "offset"])
+@pytest.mark.parametrize("kind", ["roi", "psroi"])
+def test_only_requested_gradients(triton_device, kind, output_mask):
+    case = _tiny(kind)
+    t = make_roi_tensors(case, rois=4, device=triton_device)
+    grad_output = torch.randn(4, case.channels, *case.pooled, dtype=torch.float64, device=triton_device)
+    result = case.backward_op(grad_output, t["input"], t["rois"], t["offset"], *case.params(), output_mask)
+    both = case.backward_op(grad_output, t["input"], t["rois"], t["offset"], *case.params(), [True, True])
+    for grad, full, wanted in zip(result, both, output_mask):
+        if wanted:
+            torch.testing.assert_close(grad, full)
+        else:
+            assert grad.shape == (0,)
+
+
+@pytest.mark.parametrize("kind", ["roi", "psroi"])
+def test_deterministic_mode(triton_device, kind):
+    """The input gradient is scattered with atomic adds: under deterministic mode it raises an error
+    naming the op (a warning in warn-only mode); the offset gradient is bitwise repeatable."""
+    case = _tiny(kind)
+    t = make_roi_tensors(case, rois=5, dtype=torch.float32, device=triton_device)
+    grad_output = torch.randn(5, case.channels, *case.pooled, device=triton_device)
+    args = (grad_output, t["input"], t["rois"], t["offset"], *case.params())
+    op_name = f"dcn_plugin::{'deform_roi_pool' if kind == 'roi' else 'deform_psroi_pool'}_backward"
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match=f"{op_name}.*determinis"):
+            case.backward_op(*args, [True, False])
+        first = case.backward_op(*args, [False, True])[1]
+        second = case.backward_op(*args, [False, True])[1]
+        assert first.numel() > 0 and torch.equal(first, second)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match=op_name):
+            case.backward_op(*args, [True, False])
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def test_bad_arguments_are_checked_first(triton_device):
+    """The driver runs the ops' C++ argument checks (and the batch index check) first."""
+    from dcn_plugin.ops.triton import roi_pool
+
+    case = _tiny("roi")
+    t = make_roi_tensors(case, rois=3, device=triton_device)
+    rois = t["rois"].clone()
+    rois[2, 0] = 7
+    with pytest.raises(RuntimeError, match=r"deform_roi_pool: rois\[2, 0\] = 7 is not a batch index"):
+        roi_pool.deform_roi_pool(t["input"], rois, t["offset"], *case.params())
+    with pytest.raises(RuntimeError, match=r"deform_psroi_pool: input must have output_dim \* group_size\^2"):
+        roi_pool.deform_psroi_pool(t["input"], t["rois"], None, 0.5, 3, 2, 3, 3, 1, 0.0)
+
+
+@pytest.mark.parametrize("kind", ["roi", "psroi"])
+def test_opcheck(triton_device, kind):
+    case = _tiny(kind, batch=1, size=(4, 5))
+    t = make_roi_tensors(case, rois=2, device=triton_device)
+    t["input"].requires_grad_()
+    t["offset"].requires_grad_()
+    torch.library.opcheck(case.op.default, (t["input"], t["rois"], t["offset"], *case.params()))
+
+
+def test_compile_fullgraph(triton_device):
+    """The ops are opaque to torch.compile (their fake kernels are traced): the compiled graph calls
+    the Triton kernels at run time."""
+    case = _tiny("roi")
+    t = make_roi_tensors(case, rois=3, dtype=torch.float32, device=triton_device)
+
+    def fn(x, rois, offset):
+        return ops.deform_roi_pool(x, rois, offset, case.output_size, case.spatial_scale, case.sampling_ratio,
+                                   case.gamma).relu()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    args = (t["input"], t["rois"], t["offset"])
+    torch.testing.assert_close(compiled(*args), fn(*args))
+
+
+ROI_COMPILE_VARIANTS = ["roi,fp32,mmcv-forward", "roi,bf16,mmcv-forward-offset", "roi,fp16,mmcv-backward",
+                        "roi,fp64,rfcn-backward", "roi,fp32,rfcn-forward-offset",
+                        "roi,bf16,rfcn-backward-input"]
+
+
+@pytest.mark.skipif(not TRITON_IMPORTABLE, reason=NO_TRITON)
+def test_kernel_compiles_for_a_gpu():
+    """Every kind of launch of the RoI kernel compiles to sm_90 code with Triton's own compiler (no
+    GPU needed), in a fresh process without the interpreter."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile_check.py")
+    result = subprocess.run([sys.executable, script, *ROI_COMPILE_VARIANTS], capture_output=True, text=True,
+                            env=_env_without_interpreter(), timeout=600)
+    if result.returncode == 3:  # this triton has no NVIDIA backend
+        reason = result.stdout.strip().splitlines()[-1]
+        pytest.skip(f"{reason}; needs a triton build with it (the PyPI wheels have it)")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(": ok") == len(ROI_COMPILE_VARIANTS), result.stdout
