@@ -62,6 +62,24 @@ def test_opcheck_backward(device, case, output_mask):
 # A small deformable layer, as a user writes one.
 
 
+@pytest.mark.parametrize("which", ["input", "weight"])
+@pytest.mark.parametrize("name", ["2d", "2d-transposed", "3d-no-mask"])
+def test_opcheck_channels_last(device, name, which):
+    """The fake kernels promise the layouts the kernels give: channels-last in, channels-last out."""
+    case = OPCHECK_CASES[name]
+    tensors = make_tensors(case, device=device, requires_grad=True)
+    memory_format = torch.channels_last if case.n == 2 else torch.channels_last_3d
+    for key in ("input", "offset", "mask") if which == "input" else ("weight",):
+        if tensors[key] is not None:
+            tensors[key] = tensors[key].detach().to(memory_format=memory_format).requires_grad_(True)
+    torch.library.opcheck(torch.ops.dcn_plugin.deform_conv.default, _op_args(case, tensors))
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float64,
+                              device=device).to(memory_format=memory_format)
+    args = _op_args(case, {k: None if t is None else t.detach() for k, t in tensors.items()})
+    args = (grad_output, *args[:4], *args[5:], [True] * 4)
+    torch.library.opcheck(torch.ops.dcn_plugin.deform_conv_backward.default, args)
+
+
 class DeformLayer(nn.Module):
     """Offsets and a sigmoid mask from a plain conv, then the deformable (transposed) conv."""
 

@@ -12,6 +12,7 @@ from reference import (
     assert_low_precision_like_conv,
     forward_backward,
     make_tensors,
+    reference_conv,
     relative_error,
     run_op,
     run_reference,
@@ -152,6 +153,70 @@ def test_channels_last(device, n, transposed):
     assert_matches_reference(case, t, out, grads)
     contiguous = {k: None if v is None else v.contiguous() for k, v in t.items()}
     torch.testing.assert_close(out, run_op(case, contiguous), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["input", "weight", "neither"])
+@pytest.mark.parametrize("n, transposed", [(2, False), (2, True), (3, False), (3, True)],
+                         ids=["2d", "2d-transposed", "3d", "3d-transposed"])
+def test_output_layout_is_torch_convolutions(device, layout, n, transposed):
+    """The output is channels-last where torch's convolution makes it so (in float32, where it runs
+    oneDNN: when its input or its weight is channels-last), and each gradient of the backward op
+    has its tensor's layout."""
+    case = _case(n, transposed, batch=2, in_channels=6, out_channels=6, offset_groups=3, mask_groups=3)
+    t = make_tensors(case, device=device)
+    memory_format = torch.channels_last if n == 2 else torch.channels_last_3d
+    names = {"input": ("input", "offset", "mask"), "weight": ("weight",), "neither": ()}[layout]
+    for key in names:
+        t[key] = t[key].to(memory_format=memory_format)
+    out = run_op(case, t)
+    conv = reference_conv(case, {k: None if v is None else v.float() for k, v in t.items()})
+    assert out.is_contiguous(memory_format=memory_format) == (layout != "neither")
+    assert out.is_contiguous(memory_format=memory_format) == conv.is_contiguous(memory_format=memory_format)
+    assert out.is_contiguous() == conv.is_contiguous()
+    grad_output = torch.randn_like(out)
+    args = (grad_output, t["input"], t["weight"], t["offset"], t["mask"], list(case.stride),
+            list(case.padding), list(case.dilation), transposed, list(case.output_padding), case.groups,
+            [True] * 4)
+    grads = torch.ops.dcn_plugin.deform_conv_backward(*args)
+    for name, grad in zip(("input", "weight", "offset", "mask"), grads):
+        assert grad.is_contiguous(memory_format=memory_format) == (name in names), name
+
+
+def _compiled_instruction_sets():
+    """The instruction sets whose sweeps this build has and this CPU runs (switched to, then back)."""
+    previous = torch.ops.dcn_plugin._cpu_isa()
+    try:
+        return sorted({torch.ops.dcn_plugin._cpu_isa(isa) for isa in ("DEFAULT", "AVX2", "AVX512")})
+    finally:
+        torch.ops.dcn_plugin._cpu_isa(previous)
+
+
+@pytest.mark.parametrize("isa", ["DEFAULT", "AVX2", "AVX512"])
+@pytest.mark.parametrize("n, transposed", DIMS_TRANSPOSED, ids=IDS)
+def test_every_instruction_set(isa, n, transposed):
+    """The sweeps compiled for each instruction set match the reference, on channel runs of whole
+    vectors plus a tail, split by offset, mask and convolution groups, and depthwise."""
+    if isa not in _compiled_instruction_sets():
+        pytest.skip(f"this CPU or build does not run the {isa} sweeps")
+    previous = torch.ops.dcn_plugin._cpu_isa(isa)
+    try:
+        assert torch.ops.dcn_plugin._cpu_isa() == isa
+        size = (9, 5, 4)[n - 1]
+        grouped = _case(n, transposed, batch=2, in_channels=38, out_channels=38, in_size=size, groups=2,
+                        offset_groups=2, mask_groups=19)
+        depthwise = _case(n, transposed, batch=2, in_channels=19, out_channels=19, in_size=size, groups=19,
+                          offset_groups=1, mask_groups=1)
+        for case in (grouped, depthwise):
+            t = make_tensors(case)
+            assert_matches_reference(case, t)
+            t32 = {k: None if v is None else v.float() for k, v in t.items()}
+            out, grads = forward_backward(run_op, case, t32)
+            expected, expected_grads = forward_backward(run_reference, case, t)
+            assert relative_error(out, expected) < 1e-5
+            for name, grad in grads.items():
+                assert relative_error(grad, expected_grads[name]) < 1e-5, name
+    finally:
+        torch.ops.dcn_plugin._cpu_isa(previous)
 
 
 @pytest.mark.parametrize("n, transposed", DIMS_TRANSPOSED, ids=IDS)

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from extras import require
 
 from dcn_plugin.ops.shapes import DeformConvShape, conv_output_size
 
@@ -61,8 +62,26 @@ def test_benchmark_runs_and_reports(tmp_path):
     benchmark = _benchmark_module()
     out = tmp_path / "bench.json"
     assert benchmark.main(["--cases", "qs-256", "--min-time", "0", "--repeats", "1", "--json", str(out),
-                           "--markdown", str(tmp_path / "bench.md")]) == 0
+                           "--markdown", str(tmp_path / "bench.md"),
+                           "--plot", str(tmp_path / "bench.png")]) == 0
     results = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
     assert results["F.conv"]["fwd_bwd_vs_baseline"] == 1.0
     assert results["dcn_plugin"]["fwd"]["ms"] > 0 and results["dcn_plugin"]["fwd_bwd_vs_baseline"] > 0
     assert "| qs-256 | 16x256x4x4->256x4x4 k3x3 | dcn_plugin |" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("mask_groups", [2, 0], ids=["mask", "no-mask"])
+def test_benchmark_onnxruntime_peer_computes_the_op(mask_groups):
+    """The onnxruntime peer's one-node model is the op: same output as dcn_plugin (forward only)."""
+    require("onnx", "onnxruntime")
+    benchmark = _benchmark_module()
+    case = DeformConvShape.build(2, batch=2, in_channels=8, out_channels=6, in_size=(7, 9), kernel=3,
+                                 stride=2, dilation=(1, 2), padding=(1, 2), groups=2, offset_groups=2,
+                                 mask_groups=mask_groups)
+    tensors = benchmark.make_inputs("peer", case, "cpu", torch.float32)
+    run = benchmark._onnxruntime()
+    torch.testing.assert_close(run(case, tensors), benchmark._run_dcn_plugin(case, tensors), atol=1e-5,
+                               rtol=1e-4)
+    with pytest.raises(benchmark.Unsupported, match="no backward"):
+        run(case, {k: None if t is None else t.requires_grad_() for k, t in tensors.items()})

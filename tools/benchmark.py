@@ -10,8 +10,9 @@ offset and mask) of:
 - ``dcn_plugin``: ``dcn_plugin.ops.deform_conv{N}d`` / ``deform_conv_transpose{N}d``;
 - ``F.conv*``: torch's own convolution of the same shape without offsets or mask, the floor
   every ratio is measured against;
-- every peer that imports: ``torchvision.ops.deform_conv2d``, ``mmcv.ops`` (mmcv-full) and
-  ``tvdcn.ops``.
+- every peer that imports: ``torchvision.ops.deform_conv2d``, ``mmcv.ops`` (mmcv-full),
+  ``tvdcn.ops``, and onnxruntime's ``DeformConv`` (a one-node ONNX model on the CPU, with as many
+  threads as torch; forward only, as onnxruntime runs inference).
 
 ``--op roi``: for each case (a named ``RoiPoolShape``), ``dcn_plugin.ops.deform_roi_pool`` (mmcv's
 deformable RoI pooling) or ``deform_psroi_pool`` (R-FCN's) with offsets (gradients for input and
@@ -20,11 +21,14 @@ baseline of the ratios, and the peers that import: ``torchvision.ops.roi_align``
 
 It reports median times, each time as a multiple of the baseline's, and on CUDA the peak
 memory above the inputs. A peer that cannot run a case shows ``n/a`` with the reason in a
-footnote. It asserts nothing about speed.
+footnote. It asserts nothing about speed. ``--plot`` draws the same results: per case, each
+implementation's time as a multiple of plain convolution's.
 
 Examples::
 
     python tools/benchmark.py --threads 2
+    python tools/benchmark.py --threads 2 --markdown benchmarks/cpu-2core-float32.md \
+        --plot benchmarks/cpu-2core-float32.png
     python tools/benchmark.py --op roi --threads 2
     python tools/benchmark.py --device cuda --dtype bfloat16 --autocast --markdown bench.md
     python tools/benchmark.py --list
@@ -177,11 +181,62 @@ def _tvdcn() -> Callable[[DeformConvShape, Tensors], Tensor]:
     return run
 
 
+def _onnx_deform_conv(case: DeformConvShape, dtype: torch.dtype, with_mask: bool) -> bytes:
+    """A one-node ONNX model (opset 19) of ``DeformConv`` for ``case``: inputs X, W, offset[, mask]."""
+    from onnx import TensorProto, helper
+
+    elem = {torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUBLE}[dtype]
+    shapes = {"X": (case.batch, case.in_channels, *case.in_size), "W": case.weight_shape,
+              "offset": case.offset_shape, "mask": case.mask_shape}
+    names = ["X", "W", "offset", *(("mask",) if with_mask else ())]
+    node = helper.make_node("DeformConv", ["X", "W", "offset", *(("", "mask") if with_mask else ())], ["Y"],
+                            dilations=list(case.dilation), group=case.groups, kernel_shape=list(case.kernel),
+                            offset_group=case.offset_groups, pads=list(case.padding) * 2,
+                            strides=list(case.stride))
+    graph = helper.make_graph(
+        [node], "deform_conv", [helper.make_tensor_value_info(n, elem, list(shapes[n])) for n in names],
+        [helper.make_tensor_value_info("Y", elem, [case.batch, case.out_channels, *case.out_size])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    return model.SerializeToString()
+
+
+def _onnxruntime() -> Callable[[DeformConvShape, Tensors], Tensor]:
+    import onnxruntime as ort
+
+    sessions: Dict[tuple, ort.InferenceSession] = {}
+
+    def session(case: DeformConvShape, dtype: torch.dtype, with_mask: bool) -> ort.InferenceSession:
+        key = (case, dtype, with_mask)
+        if key not in sessions:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch
+            options.inter_op_num_threads = 1
+            sessions[key] = ort.InferenceSession(_onnx_deform_conv(case, dtype, with_mask), options,
+                                                 providers=["CPUExecutionProvider"])
+        return sessions[key]
+
+    def run(case: DeformConvShape, t: Tensors) -> Tensor:
+        _check_2d_forward(case, t, "onnxruntime")
+        if any(v is not None and v.requires_grad for v in t.values()):
+            raise Unsupported("onnxruntime runs inference only: no backward")
+        if t["input"].device.type != "cpu" or t["input"].dtype not in (torch.float32, torch.float64):
+            raise Unsupported("the onnxruntime peer runs float32/float64 on the CPU")
+        if t["mask"] is not None and case.mask_groups != case.offset_groups:
+            raise Unsupported("ONNX DeformConv needs as many mask groups as offset groups")
+        feeds = {"X": t["input"], "W": t["weight"], "offset": t["offset"], "mask": t["mask"]}
+        feeds = {k: v.contiguous().numpy() for k, v in feeds.items() if v is not None}
+        (out,) = session(case, t["input"].dtype, t["mask"] is not None).run(None, feeds)
+        return torch.from_numpy(out)
+
+    return run
+
+
 def load_implementations() -> tuple[Dict[str, Callable], List[str]]:
     """The implementations that import, and a note for each peer that does not."""
     impls = {"dcn_plugin": _run_dcn_plugin, "F.conv": _run_torch_conv}
     notes = []
-    for name, loader in (("torchvision", _torchvision), ("mmcv", _mmcv), ("tvdcn", _tvdcn)):
+    for name, loader in (("torchvision", _torchvision), ("mmcv", _mmcv), ("tvdcn", _tvdcn),
+                         ("onnxruntime", _onnxruntime)):
         try:
             impls[name] = loader()
         except Exception as exc:  # a peer that does not import is not benchmarked
@@ -455,6 +510,7 @@ def environment(args) -> Dict[str, str]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "triton": _version("triton"),
+        "onnxruntime": _version("onnxruntime"),
         "threads": str(torch.get_num_threads()),
         "dtype": args.dtype + (" (autocast, float32 tensors)" if args.autocast else ""),
         "date": datetime.date.today().isoformat(),
@@ -485,6 +541,45 @@ def table(results: Sequence[Result], memory: bool,
             row.append("-" if r.fwd_bwd.peak_mib is None else f"{r.fwd_bwd.peak_mib:.1f}")
         rows.append(row)
     return header, rows, [f"[{i + 1}] {reason}" for i, reason in enumerate(reasons)]
+
+
+def plot(results: Sequence[Result], path: Path, title: str, baseline: str) -> None:
+    """Per case, each implementation's forward and forward+backward time as a multiple of the
+    baseline's (log scale), one bar per implementation that ran; written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    cases = list(dict.fromkeys(r.case for r in results))
+    impls = [i for i in dict.fromkeys(r.impl for r in results) if i != baseline]
+    by_key = {(r.case, r.impl): r for r in results}
+    width = 0.8 / max(len(impls), 1)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.75 * len(cases) + 2), 7), sharex=True)
+    panels = ((axes[0], "fwd_vs_baseline", "forward"), (axes[1], "fwd_bwd_vs_baseline", "forward+backward"))
+    for ax, attr, label in panels:
+        for k, impl in enumerate(impls):
+            xs, ys = [], []
+            for i, case in enumerate(cases):
+                ratio = getattr(by_key[(case, impl)], attr) if (case, impl) in by_key else None
+                if ratio:
+                    xs.append(i + (k - (len(impls) - 1) / 2) * width)
+                    ys.append(ratio)
+            bars = ax.bar(xs, ys, width, label=impl)
+            ax.bar_label(bars, fmt="%.2g", fontsize=6)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if v in (0.2, 0.5, 2, 5) else ""))
+        ax.set_ylabel(f"{label} / {baseline}")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0].legend(ncol=len(impls), fontsize="small")
+    axes[0].set_title(title, fontsize="medium")
+    axes[1].set_xticks(range(len(cases)), cases, rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def markdown(header: List[str], rows: List[List[str]]) -> str:
@@ -521,6 +616,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per measurement")
     parser.add_argument("--markdown", type=Path, help="also write a Markdown report here")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--plot", type=Path, help="also plot each implementation's time / the baseline's "
+                                                  "per case to this image (PNG)")
     args = parser.parse_args(argv)
     if args.autocast and args.dtype not in ("float16", "bfloat16"):
         parser.error("--autocast needs --dtype float16 or bfloat16")
@@ -572,6 +669,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  f"- **method**: {method}", "", markdown(header, rows), "", *[f"{f}  " for f in footnotes],
                  *[f"- {note}" for note in notes]]
         args.markdown.write_text("\n".join(lines).rstrip() + "\n")
+    if args.plot:
+        title = f"{env['device']}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}"
+        plot(results, args.plot, title, suite.baseline)
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "method": method, "notes": notes,
                                          "results": [asdict(r) for r in results]}, indent=2) + "\n")

@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from .shapes import conv_output_size
 
@@ -99,6 +100,13 @@ def _output_shape(
     return [input.shape[0], out_channels, *spatial]
 
 
+def _output_format(input: Tensor, weight: Tensor) -> torch.memory_format:
+    """The layout of the op's output, as torch's convolution chooses it: channels-last when the input
+    or the weight is. (Each gradient takes the layout its tensor suggests.)"""
+    layout = suggest_memory_format(input)
+    return layout if layout != torch.contiguous_format else suggest_memory_format(weight)
+
+
 if _C is not None:
     _op = torch.ops.dcn_plugin.deform_conv.default
     _backward_op = torch.ops.dcn_plugin.deform_conv_backward.default
@@ -108,13 +116,14 @@ if _C is not None:
                           output_padding, groups):
         torch._check(input.dim() == weight.dim(), lambda: "input and weight must have the same rank")
         shape = _output_shape(input, weight, stride, padding, dilation, transposed, output_padding, groups)
-        return input.new_empty(shape)
+        return torch.empty(shape, dtype=input.dtype, device=input.device,
+                           memory_format=_output_format(input, weight))
 
     @torch.library.register_fake("dcn_plugin::deform_conv_backward")
     def _deform_conv_backward_fake(grad_output, input, weight, offset, mask, stride, padding, dilation,
                                    transposed, output_padding, groups, output_mask):
         def grad_like(t, needed):
-            return torch.empty_like(t, memory_format=torch.contiguous_format) if needed and t is not None \
+            return torch.empty_like(t, memory_format=suggest_memory_format(t)) if needed and t is not None \
                 else input.new_empty((0,))
 
         return (grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]),
@@ -174,15 +183,18 @@ if _C is not None:
     @torch.library.register_kernel("dcn_plugin::deform_conv", "cuda")
     def _deform_conv_cuda(input, weight, offset, mask, bias, stride, padding, dilation, transposed,
                           output_padding, groups):
-        return _triton_driver().deform_conv(input, weight, offset, mask, bias, stride, padding, dilation,
-                                            transposed, output_padding, groups)
+        out = _triton_driver().deform_conv(input, weight, offset, mask, bias, stride, padding, dilation,
+                                           transposed, output_padding, groups)
+        return out.contiguous(memory_format=_output_format(input, weight))  # the layouts the fakes promise
 
     @torch.library.register_kernel("dcn_plugin::deform_conv_backward", "cuda")
     def _deform_conv_backward_cuda(grad_output, input, weight, offset, mask, stride, padding, dilation,
                                    transposed, output_padding, groups, output_mask):
-        return _triton_driver().deform_conv_backward(grad_output, input, weight, offset, mask, stride,
-                                                     padding, dilation, transposed, output_padding, groups,
-                                                     output_mask)
+        grads = _triton_driver().deform_conv_backward(grad_output, input, weight, offset, mask, stride,
+                                                      padding, dilation, transposed, output_padding, groups,
+                                                      output_mask)
+        return tuple(g if g.dim() == 1 else g.contiguous(memory_format=suggest_memory_format(t))
+                     for g, t in zip(grads, (input, weight, offset, mask)))
 
 
 # --------------------------------------------------------------------------------------------

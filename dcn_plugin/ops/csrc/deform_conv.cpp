@@ -1,20 +1,27 @@
 // Schemas, argument checks and the CPU driver of dcn_plugin::deform_conv. (The CUDA kernels are
 // Triton kernels registered from Python, dcn_plugin/ops/triton/, which run the same checks first.)
 //
-// The driver turns the op into matrix products over columns (see deform_conv.h for the roles of
-// image and grid). With W viewed as (groups, C_grid / groups, C_image / groups * K):
-//   convolution:  out = W @ im2col(in)              transposed:  out = col2im(W^T @ in)
-// and the backward of both comes from one sampling pass and matrix products:
-//   d weight  = dense @ im2col(image)^T            (dense: grad_out, or the transposed op's input)
-//   d offset, d mask = coordinate gradients of sampling image, against W^T @ dense
-//   d input   = col2im(W^T @ grad_out)  for convolution,  W @ im2col(grad_out)  for transposed.
-// Work is cut into chunks whose columns fit the workspace limit: several whole images side by side
-// (one matrix product for all of them) where they fit, otherwise runs of one image's grid points.
+// The driver turns the op into matrix products and sampling sweeps (sweep.h), all channels-last:
+// the sampled image is (B, *image_size, C_image), the tensors on the grid are (B * L, C) matrices
+// of grid rows, and a chunk of grid rows has columns (rows, K * C_image) per group. With the weight
+// W viewed as (groups, C_grid / groups, K * C_image / groups):
+//   convolution:  out = im2col(in) @ W^T           transposed:  out = col2im(in @ W)
+// and the backward of both comes from sweeps and matrix products:
+//   d W      = dense^T @ im2col(image)            (dense: grad_out, or the transposed op's input)
+//   d offset, d mask = coordinate gradients of sampling image, against dense @ W
+//   d input  = col2im(grad_out @ W)  for convolution,  im2col(grad_out) @ W^T  for transposed.
+// Depthwise convolution (one channel per group) leaves a matrix product nothing to amortise the
+// columns over, so its sweeps contract with the weight themselves. Work is cut into chunks of grid
+// rows whose columns fit the workspace limit. Inputs may come in any layout; outputs take the
+// layout torch's convolution would give.
 #include "deform_conv.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/accumulate.h>
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <sstream>
 #include <vector>
@@ -190,39 +197,10 @@ Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::o
   return p;
 }
 
-// How the work is cut so that `column_buffers` column buffers and the primitives' own scratch fit
-// the workspace limit: `points` grid points of one image per chunk (at least one), or, where whole
-// images fit, `images` whole images per chunk, whose columns sit side by side so that one matrix
-// product serves them all (small feature maps would otherwise make many tiny products).
-struct Chunks {
-  int64_t points;
-  int64_t images;
-};
-
-Chunks plan_chunks(const Problem& p, at::ScalarType column_dtype, int64_t column_buffers) {
-  const Geometry& g = p.geometry;
-  const int64_t element = at::elementSize(column_dtype);
-  const int64_t groups = std::max<int64_t>({g.offset_groups, g.mask_groups, 1});
-  const int64_t corners = int64_t(1) << g.dims;
-  // Column rows, plus a sampling table per group and kernel point (index, weight, gradients).
-  const int64_t per_point = g.kernel_points() * (column_buffers * g.channels * element +
-                                                 groups * corners * (8 + element * (1 + g.dims)));
-  const int64_t capacity = std::max<int64_t>(1, workspace_limit() / std::max<int64_t>(per_point, 1));
-  const int64_t points = g.grid_points();
-  if (points > 0 && capacity >= points) return {points, std::max<int64_t>(1, std::min(p.batch, capacity / points))};
-  return {std::min(capacity, std::max<int64_t>(points, 1)), 1};
-}
-
-// (n, C, L) -> (groups, C / groups, n * L): the grid-side operand of n images side by side.
-at::Tensor images_side_by_side(const at::Tensor& t, int64_t groups) {
-  const int64_t n = t.size(0), c = t.size(1), l = t.size(2);
-  return t.view({n, groups, c / groups, l}).permute({1, 2, 0, 3}).reshape({groups, c / groups, n * l});
-}
-
-// The inverse for a product (groups, C / groups, n * L) written into `out` (n, C, L).
-void copy_images_back(const at::Tensor& product, const at::Tensor& out) {
-  const int64_t n = out.size(0), c = out.size(1), l = out.size(2);
-  out.copy_(product.view({c, n, l}).transpose(0, 1));
+void check_grad_output(const Problem& p, const at::Tensor& input, const at::Tensor& grad_output) {
+  check_same(input, grad_output, "grad_output");
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(p.output_shape), "deform_conv_backward: grad_output has shape ",
+              shape_str(grad_output.sizes()), " but the output has shape ", shape_str(p.output_shape));
 }
 
 // One channel per group on both sides: depthwise convolution.
@@ -230,123 +208,365 @@ bool is_depthwise(const Problem& p) {
   return p.groups > 1 && p.image_channels == p.groups && p.grid_channels == p.groups;
 }
 
-// Runs the pass over all grid points, `chunk` at a time (the depthwise path, which needs no columns).
-void sample_in_chunks(const SamplingKernels& kernels, SamplePass& pass, int64_t chunk, int64_t points) {
-  for (int64_t first = 0; first < points; first += chunk) {
-    pass.first = first;
-    pass.count = std::min(chunk, points - first);
-    kernels.sample(pass);
+// ------------------------------------------------------------------------------------------------
+// Layouts
+
+// Half types are sampled, multiplied and summed in float32 on the CPU.
+at::ScalarType column_dtype(at::ScalarType dtype) { return at::isReducedFloatingType(dtype) ? at::kFloat : dtype; }
+
+// `t` in memory format `format` and dtype `dtype`: itself when it already is.
+at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format, at::ScalarType dtype) {
+  if (t.is_contiguous(format) && t.scalar_type() == dtype) return t;
+  return at::empty(t.sizes(), t.options().dtype(dtype).memory_format(format)).copy_(t);
+}
+
+// `t`, contiguous (B, M, N), as (B, N, M) contiguous.
+at::Tensor transposed(const SamplingKernels& kernels, const at::Tensor& t) {
+  at::Tensor out = at::empty({t.size(0), t.size(2), t.size(1)}, t.options());
+  if (out.numel() > 0) {
+    kernels.transpose(t.scalar_type(), t.const_data_ptr(), out.data_ptr(), t.size(0), t.size(1), t.size(2));
+  }
+  return out;
+}
+
+// (B, C, *S) in any layout -> (B, *S, C), contiguous: a view of a channels-last tensor.
+at::Tensor to_channels_last(const SamplingKernels& kernels, const at::Tensor& t, at::ScalarType dtype) {
+  const at::Tensor moved = t.movedim(1, -1);
+  if (moved.is_contiguous() && t.scalar_type() == dtype) return moved;
+  if (t.is_contiguous() && t.scalar_type() == dtype) {
+    const int64_t points = c10::multiply_integers(t.sizes().slice(2));
+    return transposed(kernels, t.view({t.size(0), t.size(1), points})).view(moved.sizes());
+  }
+  return in_format(moved, at::MemoryFormat::Contiguous, dtype);
+}
+
+// (B, *S, C) contiguous -> (B, C, *S) in `format`: a view where that is channels-last.
+at::Tensor from_channels_last(const SamplingKernels& kernels, const at::Tensor& t, at::MemoryFormat format,
+                              at::ScalarType dtype) {
+  const at::Tensor moved = t.movedim(-1, 1);
+  if (format == at::MemoryFormat::Contiguous && t.scalar_type() == dtype && !moved.is_contiguous()) {
+    const int64_t points = c10::multiply_integers(t.sizes().slice(1, t.dim() - 2));
+    return transposed(kernels, t.view({t.size(0), points, t.size(-1)})).view(moved.sizes());
+  }
+  return in_format(moved, format, dtype);
+}
+
+// torch's convolution gives a channels-last output when its input or its weight is channels-last.
+at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight) {
+  const at::MemoryFormat format = input.suggest_memory_format();
+  return format != at::MemoryFormat::Contiguous ? format : weight.suggest_memory_format();
+}
+
+// A zero gradient for `t` in the column dtype, laid out as `t` suggests (so its grid dims merge).
+at::Tensor zero_gradient(const at::Tensor& t, at::ScalarType dtype) {
+  return at::empty(t.sizes(), t.options().dtype(dtype).memory_format(t.suggest_memory_format())).zero_();
+}
+
+GridTensor grid_tensor(const at::Tensor& t) {
+  if (!t.defined()) return {};
+  const at::Tensor flat = t.flatten(2);  // (B, Q, L): a view of the tensors given here
+  TORCH_INTERNAL_ASSERT(flat.data_ptr() == t.data_ptr());
+  return {flat.data_ptr(), flat.stride(0), flat.stride(1), flat.stride(2)};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Matrix products
+
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
+
+std::optional<c10::TypedOperatorHandle<LinearFn>> onednn_linear() {
+  const auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (!handle || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::nullopt;
+  return handle->typed<LinearFn>();
+}
+
+// a @ b^T for a (M, K) and b (N, K). In float32 this is oneDNN's inner product where torch has it
+// (the primitive behind torch.compile's CPU linear): on the shapes of issue 12 it matches torch's
+// own convolution, where MKL's sgemm is 5-50% slower. MKL (at::mm) everywhere else.
+at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b) {
+  static const auto onednn = onednn_linear();
+  if (onednn && a.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 &&
+      at::globalContext().userEnabledMkldnn()) {
+    return onednn->call(a.contiguous(), b, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+  return at::mm(a, b.t());
+}
+
+// (rows, groups * N) whose group g is columns[g] @ w[g]^T, for columns (groups, rows, K), w (groups, N, K).
+at::Tensor columns_times(const at::Tensor& columns, const at::Tensor& w) {
+  const int64_t groups = w.size(0);
+  if (groups == 1) return matmul_nt(columns[0], w[0]);
+  std::vector<at::Tensor> parts;
+  for (int64_t g = 0; g < groups; ++g) parts.push_back(matmul_nt(columns[g], w[g]));
+  return at::cat(parts, 1);
+}
+
+// (groups, rows, K) whose group g is dense_g @ w_t[g]^T, for dense (rows, groups * N), w_t (groups, K, N).
+at::Tensor dense_times(const at::Tensor& dense, const at::Tensor& w_t) {
+  const int64_t groups = w_t.size(0), n = w_t.size(2);
+  if (groups == 1) return matmul_nt(dense, w_t[0]).unsqueeze(0);
+  std::vector<at::Tensor> parts;
+  for (int64_t g = 0; g < groups; ++g) parts.push_back(matmul_nt(dense.narrow(1, g * n, n), w_t[g]));
+  return at::stack(parts);
+}
+
+// grad_w[g] += dense_g^T @ columns[g].
+void add_weight_gradient(const SamplingKernels& kernels, const at::Tensor& grad_w, const at::Tensor& dense,
+                         const at::Tensor& columns) {
+  const int64_t groups = grad_w.size(0), n = grad_w.size(1);
+  if (groups == 1) {
+    grad_w[0].add_(matmul_nt(transposed(kernels, dense.unsqueeze(0))[0], columns[0].t()));
+    return;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    grad_w[g].add_(matmul_nt(dense.narrow(1, g * n, n).t().contiguous(), columns[g].t()));
   }
 }
 
-void check_grad_output(const Problem& p, const at::Tensor& input, const at::Tensor& grad_output) {
-  check_same(input, grad_output, "grad_output");
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(p.output_shape), "deform_conv_backward: grad_output has shape ",
-              shape_str(grad_output.sizes()), " but the output has shape ", shape_str(p.output_shape));
+// ------------------------------------------------------------------------------------------------
+// The steps
+
+// What the steps of one call share: the problem, the column dtype, the offset and mask.
+struct Call {
+  const Problem& p;
+  const Geometry& g;
+  const at::ScalarType dtype;      // of columns, products and sums
+  const at::TensorOptions options;
+  const int64_t K, L, rows;        // rows: the B * L grid points of the batch
+  const at::Tensor offset, mask;   // in the column dtype
+
+  Call(const Problem& p_, const at::Tensor& input, const std::optional<at::Tensor>& offset_,
+       const std::optional<at::Tensor>& mask_)
+      : p(p_),
+        g(p_.geometry),
+        dtype(column_dtype(input.scalar_type())),
+        options(input.options().dtype(dtype)),
+        K(g.kernel_points()),
+        L(g.grid_points()),
+        rows(p_.batch * g.grid_points()),
+        offset(offset_ ? offset_->to(dtype) : at::Tensor()),
+        mask(mask_ ? mask_->to(dtype) : at::Tensor()) {}
+
+  Chunk chunk(int64_t row_begin, int64_t row_end) const {
+    Chunk c;
+    c.geometry = &g;
+    c.dtype = dtype;
+    c.row_begin = row_begin;
+    c.row_end = row_end;
+    c.groups = p.groups;
+    c.offset = grid_tensor(offset);
+    c.mask = grid_tensor(mask);
+    return c;
+  }
+
+  // Grid rows per chunk: enough for an efficient product, few enough that the chunk's `buffers`
+  // column buffers stay in the last-level cache between the sweep and the product (at 2 threads,
+  // c3's backward takes 31 ms in 4 MiB chunks and 43 ms in one 46 MiB chunk), and within the
+  // workspace limit.
+  int64_t chunk_rows(int64_t buffers) const {
+    constexpr int64_t kCacheBytes = int64_t(4) << 20, kMinRows = 256;
+    const int64_t per_row = buffers * K * p.image_channels * int64_t(at::elementSize(dtype));
+    const int64_t all = std::max<int64_t>(rows, 1);
+    if (per_row == 0) return all;
+    const int64_t rows_wanted = std::max(kMinRows, kCacheBytes / per_row);
+    return std::clamp<int64_t>(std::min(rows_wanted, workspace_limit() / per_row), 1, all);
+  }
+
+  at::Tensor columns(int64_t count) const {
+    return at::empty({p.groups, count, K * p.image_channels / p.groups}, options);
+  }
+
+  // The weight as the columns see it: (groups, C_grid / groups, K * C_image / groups), each row laid
+  // out (K, C_image / groups) like a row of columns.
+  at::Tensor column_weight(const at::Tensor& weight) const {
+    return weight.to(dtype).movedim(1, -1).contiguous().view(
+        {p.groups, p.grid_channels / p.groups, K * p.image_channels / p.groups});
+  }
+
+  at::Tensor depthwise_weight(const at::Tensor& weight) const {  // (K, C)
+    return weight.to(dtype).reshape({p.groups, K}).t().contiguous();
+  }
+
+  // Channels-last shapes of the image and of the grid-side tensors: (B, *size, C).
+  std::vector<int64_t> image_shape() const { return shape(g.image_size, p.image_channels); }
+  std::vector<int64_t> grid_shape() const { return shape(g.grid_size, p.grid_channels); }
+
+ private:
+  std::vector<int64_t> shape(const int64_t* size, int64_t channels) const {
+    std::vector<int64_t> s{p.batch};
+    s.insert(s.end(), size, size + g.dims);
+    s.push_back(channels);
+    return s;
+  }
+};
+
+at::Tensor im2col(const SamplingKernels& kernels, const Call& c, const at::Tensor& image, int64_t r0, int64_t r1) {
+  at::Tensor columns = c.columns(r1 - r0);
+  Chunk chunk = c.chunk(r0, r1);
+  chunk.image = image.data_ptr();
+  chunk.columns = columns.data_ptr();
+  kernels.sweep(chunk, Sweep::im2col());
+  return columns;
 }
 
-at::Tensor per_image(const std::optional<at::Tensor>& t, int64_t b, at::ScalarType dtype, int64_t points) {
-  if (!t) return at::Tensor();
-  return (*t)[b].to(dtype).contiguous().view({-1, points});
+// out = im2col(image) @ W^T, chunk by chunk: (B * L, C_grid).
+at::Tensor convolve(const SamplingKernels& kernels, const Call& c, const at::Tensor& image, const at::Tensor& w) {
+  const int64_t step = c.chunk_rows(1);
+  if (step >= c.rows) return columns_times(im2col(kernels, c, image, 0, c.rows), w);
+  at::Tensor out = at::empty({c.rows, c.p.grid_channels}, c.options);
+  for (int64_t r0 = 0; r0 < c.rows; r0 += step) {
+    const int64_t r1 = std::min(c.rows, r0 + step);
+    out.narrow(0, r0, r1 - r0).copy_(columns_times(im2col(kernels, c, image, r0, r1), w));
+  }
+  return out;
+}
+
+// out = col2im(dense @ W), chunk by chunk: (B, *image_size, C_image).
+at::Tensor convolve_transposed(const SamplingKernels& kernels, const Call& c, const at::Tensor& dense,
+                               const at::Tensor& w) {
+  at::Tensor out = at::zeros(c.image_shape(), c.options);
+  const at::Tensor w_t = w.transpose(1, 2).contiguous();
+  const int64_t step = c.chunk_rows(1);
+  for (int64_t r0 = 0; r0 < c.rows; r0 += step) {
+    const int64_t r1 = std::min(c.rows, r0 + step);
+    const at::Tensor grad_columns = dense_times(dense.narrow(0, r0, r1 - r0), w_t);
+    Chunk chunk = c.chunk(r0, r1);
+    chunk.grad_columns = grad_columns.data_ptr();
+    chunk.grad_image = out.data_ptr();
+    kernels.sweep(chunk, Sweep::col2im());
+  }
+  return out;
+}
+
+// out = sum over k of weight[k] * sample(image): (B * L, C).
+at::Tensor depthwise_forward(const SamplingKernels& kernels, const Call& c, const at::Tensor& image,
+                             const at::Tensor& weight) {
+  at::Tensor out = at::zeros({c.rows, c.p.grid_channels}, c.options);
+  Chunk chunk = c.chunk(0, c.rows);
+  chunk.image = image.data_ptr();
+  chunk.depthwise_weight = weight.data_ptr();
+  chunk.dense_out = out.data_ptr();
+  kernels.sweep(chunk, Sweep::depthwise());
+  return out;
+}
+
+// out = col2im(weight[k] * dense): (B, *image_size, C).
+at::Tensor depthwise_transposed(const SamplingKernels& kernels, const Call& c, const at::Tensor& dense,
+                                const at::Tensor& weight) {
+  at::Tensor out = at::zeros(c.image_shape(), c.options);
+  Chunk chunk = c.chunk(0, c.rows);
+  chunk.dense = dense.data_ptr();
+  chunk.depthwise_weight = weight.data_ptr();
+  chunk.grad_image = out.data_ptr();
+  kernels.sweep(chunk, Sweep::depthwise_col2im());
+  return out;
+}
+
+// The column weight's gradient back in weight's shape: (C_grid, *kernel, C_image / groups) viewed
+// as (C_grid, C_image / groups, *kernel).
+at::Tensor weight_from_columns(const at::Tensor& w, const at::Tensor& weight) {
+  std::vector<int64_t> shape{weight.size(0)};
+  for (int64_t d = 2; d < weight.dim(); ++d) shape.push_back(weight.size(d));
+  shape.push_back(weight.size(1));
+  return w.view(shape).movedim(-1, 1);
+}
+
+struct Wanted {
+  bool input, weight, offset, mask;
+  bool coordinates() const { return offset || mask; }
+};
+
+// The gradients as the steps make them, in the column dtype: input channels-last (image-shaped for
+// convolution, grid-shaped for the transposed op), weight as the steps' weight, offset and mask as
+// zero_gradient lays them out.
+struct Gradients {
+  at::Tensor input, weight, offset, mask;
+
+  void attach(Chunk& chunk) const {
+    chunk.grad_offset = grid_tensor(offset);
+    chunk.grad_mask = grid_tensor(mask);
+  }
+};
+
+// d W = dense^T @ im2col(image); d offset, d mask against dense @ W; d input = col2im(dense @ W)
+// for convolution and im2col(image) @ W^T for the transposed op. One sweep per chunk gathers the
+// samples once for all of them.
+void column_backward(const SamplingKernels& kernels, const Call& c, bool transposed, const Wanted& want,
+                     const at::Tensor& image, const at::Tensor& dense, const at::Tensor& w, Gradients& grads) {
+  const bool col2im = want.input && !transposed;
+  const bool columns = want.weight || (want.input && transposed);
+  const bool grad_columns = col2im || want.coordinates();
+  if (col2im) grads.input = at::zeros(c.image_shape(), c.options);
+  if (want.input && transposed) grads.input = at::empty({c.rows, c.p.grid_channels}, c.options);
+  if (want.weight) grads.weight = at::zeros_like(w);
+  const at::Tensor w_t = w.transpose(1, 2).contiguous();
+  const int64_t step = c.chunk_rows(int64_t(columns) + int64_t(grad_columns));
+  for (int64_t r0 = 0; r0 < c.rows; r0 += step) {
+    const int64_t r1 = std::min(c.rows, r0 + step), n = r1 - r0;
+    const at::Tensor dense_rows = dense.narrow(0, r0, n);
+    const at::Tensor gcols = grad_columns ? dense_times(dense_rows, w_t) : at::Tensor();
+    const at::Tensor cols = columns ? c.columns(n) : at::Tensor();
+    Chunk chunk = c.chunk(r0, r1);
+    grads.attach(chunk);
+    if (image.defined()) chunk.image = image.data_ptr();
+    if (col2im) chunk.grad_image = grads.input.data_ptr();
+    if (gcols.defined()) chunk.grad_columns = gcols.data_ptr();
+    if (cols.defined()) chunk.columns = cols.data_ptr();
+    if (want.coordinates()) {
+      kernels.sweep(chunk, Sweep::gradients(columns, col2im));
+    } else {
+      if (columns) kernels.sweep(chunk, Sweep::im2col());
+      if (col2im) kernels.sweep(chunk, Sweep::col2im());
+    }
+    if (want.weight) add_weight_gradient(kernels, grads.weight, dense_rows, cols);
+    if (want.input && transposed) grads.input.narrow(0, r0, n).copy_(columns_times(cols, w));
+  }
+}
+
+// d weight (and d offset, d mask) in one sweep; d input by the depthwise forward of the other role.
+void depthwise_backward(const SamplingKernels& kernels, const Call& c, bool transposed, const Wanted& want,
+                        const at::Tensor& image, const at::Tensor& dense, const at::Tensor& weight,
+                        Gradients& grads) {
+  if (want.weight || want.coordinates()) {
+    grads.weight = at::zeros_like(weight);  // a scratch sum when only coordinates are wanted
+    Chunk chunk = c.chunk(0, c.rows);
+    grads.attach(chunk);
+    chunk.image = image.data_ptr();
+    chunk.dense = dense.data_ptr();
+    chunk.depthwise_weight = weight.data_ptr();
+    chunk.grad_depthwise_weight = grads.weight.data_ptr();
+    kernels.sweep(chunk, Sweep::depthwise_gradients(want.coordinates()));
+  }
+  if (want.input) {
+    grads.input = transposed ? depthwise_forward(kernels, c, image, weight)
+                             : depthwise_transposed(kernels, c, dense, weight);
+  }
 }
 
 }  // namespace
 
 int64_t workspace_limit() { return g_workspace_limit.load(); }
 
-at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor& input_, const at::Tensor& weight,
+at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
                                at::IntArrayRef output_padding, int64_t groups) {
-  const Problem p = describe(input_, weight, offset, mask, bias, stride, padding, dilation, transposed,
+  const Problem p = describe(input, weight, offset, mask, bias, stride, padding, dilation, transposed,
                              output_padding, groups);
-  const Geometry& g = p.geometry;
-  const at::Tensor input = input_.contiguous();
-  at::Tensor out = at::empty(p.output_shape, input.options());
-  const auto column_dtype = kernels.column_dtype(input.scalar_type());
-  const auto column_options = input.options().dtype(column_dtype);
-  const bool same_dtype = column_dtype == input.scalar_type();
-  const int64_t points = g.grid_points();
-  const int64_t image_rows = p.image_channels * g.kernel_points();
-  const int64_t rows_per_group = image_rows / groups;
-  const int64_t grid_per_group = p.grid_channels / groups;
-  const at::Tensor w = weight.to(column_dtype).contiguous().view({groups, grid_per_group, rows_per_group});
-  const bool depthwise = is_depthwise(p);
-  const Chunks chunks = plan_chunks(p, column_dtype, depthwise ? 0 : 1);
-  const int64_t chunk = chunks.points;
-  at::Tensor buffer =
-      depthwise ? at::Tensor() : at::empty({image_rows * chunks.images * std::min(chunk, points)}, column_options);
-  // Output of one image that the pass accumulates into: `out[b]`, or a buffer of the column dtype
-  // copied back at the end.
-  auto accumulator = [&](int64_t b) { return same_dtype ? out[b] : at::empty(out[b].sizes(), column_options); };
-
-  if (depthwise) {
-    for (int64_t b = 0; b < p.batch; ++b) {
-      SamplePass pass{g};
-      pass.offset = per_image(offset, b, column_dtype, points);
-      pass.mask = per_image(mask, b, column_dtype, points);
-      pass.depthwise_weight = w.view({groups, -1});
-      at::Tensor dense_out = accumulator(b).zero_();
-      if (!transposed) {
-        pass.image = input[b].to(column_dtype);
-        pass.dense_out = dense_out.view({groups, points});
-      } else {
-        pass.dense = input[b].to(column_dtype).view({groups, points});
-        pass.grad_image = dense_out.view(p.image_shape);
-      }
-      sample_in_chunks(kernels, pass, chunk, points);
-      if (!same_dtype) out[b].copy_(dense_out);
-    }
+  const Call c(p, input, offset, mask);
+  const at::Tensor x = to_channels_last(kernels, input, c.dtype);
+  at::Tensor out;
+  if (is_depthwise(p)) {
+    const at::Tensor w = c.depthwise_weight(weight);
+    out = transposed ? depthwise_transposed(kernels, c, x, w) : depthwise_forward(kernels, c, x, w);
+  } else {
+    const at::Tensor w = c.column_weight(weight);
+    out = transposed ? convolve_transposed(kernels, c, x.view({c.rows, p.grid_channels}), w) : convolve(kernels, c, x, w);
   }
-  for (int64_t b0 = 0; b0 < p.batch && !depthwise; b0 += chunks.images) {
-    const int64_t n = std::min(chunks.images, p.batch - b0);
-    std::vector<SamplePass> passes;
-    passes.reserve(n);
-    std::vector<at::Tensor> scattered(n);  // the transposed op's per-image output (col2im target)
-    for (int64_t i = 0; i < n; ++i) {
-      SamplePass& pass = passes.emplace_back(g);
-      pass.offset = per_image(offset, b0 + i, column_dtype, points);
-      pass.mask = per_image(mask, b0 + i, column_dtype, points);
-      if (!transposed) {
-        pass.image = input[b0 + i].to(column_dtype);
-      } else {
-        scattered[i] = accumulator(b0 + i).zero_();
-        pass.grad_image = scattered[i];
-      }
-    }
-    const at::Tensor out_n = transposed ? at::Tensor() : out.narrow(0, b0, n).view({n, p.grid_channels, points});
-    const at::Tensor input_n = transposed ? input.narrow(0, b0, n).to(column_dtype).view({n, p.grid_channels, points})
-                                          : at::Tensor();
-    for (int64_t first = 0; first < points; first += chunk) {
-      const int64_t count = std::min(chunk, points - first);
-      const int64_t width = n * count;
-      const at::Tensor columns = buffer.narrow(0, 0, image_rows * width).view({image_rows, width});
-      at::Tensor grouped = columns.view({groups, rows_per_group, width});
-      if (transposed) {
-        // out = col2im(W^T @ input)
-        at::bmm_out(grouped, w.transpose(1, 2), images_side_by_side(input_n.narrow(2, first, count), groups));
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        SamplePass& pass = passes[i];
-        pass.first = first;
-        pass.count = count;
-        pass.column_stride = width;
-        (transposed ? pass.grad_columns : pass.columns) = columns.narrow(1, i * count, count);
-        kernels.sample(pass);
-      }
-      if (!transposed) {
-        // out = W @ im2col(input)
-        if (n == 1 && same_dtype && count == points) {
-          at::Tensor target = out_n[0].view({groups, grid_per_group, points});
-          at::bmm_out(target, w, grouped);
-        } else {
-          copy_images_back(at::bmm(w, grouped), out_n.narrow(2, first, count));
-        }
-      }
-    }
-    for (int64_t i = 0; i < n && transposed && !same_dtype; ++i) out[b0 + i].copy_(scattered[i]);
-  }
+  out = from_channels_last(kernels, out.view(transposed ? c.image_shape() : c.grid_shape()),
+                           output_format(input, weight), input.scalar_type());
   if (bias) {
     std::vector<int64_t> bias_shape(out.dim(), 1);
     bias_shape[1] = -1;
@@ -356,129 +576,49 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
-    const SamplingKernels& kernels, const at::Tensor& grad_output_, const at::Tensor& input_,
+    const SamplingKernels& kernels, const at::Tensor& grad_output, const at::Tensor& input,
     const at::Tensor& weight, const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
     at::IntArrayRef output_padding, int64_t groups, std::array<bool, 4> output_mask) {
-  const Problem p = describe(input_, weight, offset, mask, std::nullopt, stride, padding, dilation, transposed,
+  const Problem p = describe(input, weight, offset, mask, std::nullopt, stride, padding, dilation, transposed,
                              output_padding, groups);
-  const Geometry& g = p.geometry;
-  check_grad_output(p, input_, grad_output_);
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor grad_output = grad_output_.contiguous();
-  const bool need_input = output_mask[0];
-  const bool need_weight = output_mask[1];
-  const bool need_offset = output_mask[2] && offset.has_value();
-  const bool need_mask = output_mask[3] && mask.has_value();
-  // d input of convolution is a scatter onto the image; of the transposed op, W @ im2col(grad_out).
-  const bool scatter_input = need_input && !transposed;
-  const bool need_columns = need_weight || (need_input && transposed);
-  const bool need_grad_columns = need_offset || need_mask || scatter_input;
-
-  const auto dtype = input.scalar_type();
-  const auto column_dtype = kernels.column_dtype(dtype);
-  const auto column_options = input.options().dtype(column_dtype);
-  // Sums are made in the column dtype, straight into the gradients where that is their dtype.
-  const bool accumulate_in_input = column_dtype == dtype;
-  const int64_t points = g.grid_points();
-  const int64_t image_rows = p.image_channels * g.kernel_points();
-  const int64_t rows_per_group = image_rows / groups;
-  const int64_t grid_per_group = p.grid_channels / groups;
-  const at::Tensor w = weight.to(column_dtype).contiguous().view({groups, grid_per_group, rows_per_group});
-  const at::Tensor& image_source = transposed ? grad_output : input;
-  const at::Tensor& dense_source = transposed ? input : grad_output;
-
+  check_grad_output(p, input, grad_output);
+  const Wanted want{output_mask[0], output_mask[1], output_mask[2] && offset.has_value(),
+                    output_mask[3] && mask.has_value()};
   // Gradients that are not asked for come back as empty tensors (distinct ones: outputs never alias).
-  at::Tensor grad_input = need_input ? at::empty_like(input) : input.new_empty({0});
-  at::Tensor grad_weight =
-      need_weight ? at::zeros({groups, grid_per_group, rows_per_group}, column_options) : input.new_empty({0});
-  at::Tensor grad_offset = need_offset ? at::zeros(offset->sizes(), column_options) : input.new_empty({0});
-  at::Tensor grad_mask = need_mask ? at::zeros(mask->sizes(), column_options) : input.new_empty({0});
-  if (!(need_input || need_weight || need_offset || need_mask)) return {grad_input, grad_weight, grad_offset, grad_mask};
+  std::array<at::Tensor, 4> result;
+  for (at::Tensor& r : result) r = input.new_empty({0});
+  if (!(want.input || want.weight || want.coordinates())) return std::make_tuple(result[0], result[1], result[2], result[3]);
 
-  // Depthwise: the pass contracts columns with the weight itself (see SamplePass).
-  const bool depthwise = is_depthwise(p);
-  const bool materialise_columns = need_columns && !depthwise;
-  const bool materialise_grad_columns = need_grad_columns && !depthwise;
-  const Chunks chunks =
-      plan_chunks(p, column_dtype, int64_t(materialise_columns) + int64_t(materialise_grad_columns));
-  const int64_t chunk = chunks.points;
-  const int64_t buffer_size = image_rows * chunks.images * std::min(chunk, points);
-  at::Tensor column_buffer = materialise_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
-  at::Tensor grad_column_buffer =
-      materialise_grad_columns ? at::empty({buffer_size}, column_options) : at::Tensor();
-  // d input of the transposed op lives on the grid: W @ im2col(grad_out), a matrix product in the
-  // column dtype (or, depthwise, a sum the pass accumulates).
-  at::Tensor grad_dense;
-  if (need_input && transposed) {
-    grad_dense = accumulate_in_input ? grad_input : at::empty(grad_input.sizes(), column_options);
+  const Call c(p, input, offset, mask);
+  Gradients grads;
+  if (want.offset) grads.offset = zero_gradient(*offset, c.dtype);
+  if (want.mask) grads.mask = zero_gradient(*mask, c.dtype);
+  // The sampled tensor and the dense one on the grid, channels-last.
+  const bool sampled = want.weight || want.coordinates() || (want.input && transposed);
+  const at::Tensor image =
+      sampled ? to_channels_last(kernels, transposed ? grad_output : input, c.dtype) : at::Tensor();
+  const at::Tensor dense =
+      to_channels_last(kernels, transposed ? input : grad_output, c.dtype).view({c.rows, p.grid_channels});
+  if (is_depthwise(p)) {
+    depthwise_backward(kernels, c, transposed, want, image, dense, c.depthwise_weight(weight), grads);
+  } else {
+    column_backward(kernels, c, transposed, want, image, dense, c.column_weight(weight), grads);
   }
 
-  for (int64_t b0 = 0; b0 < p.batch; b0 += depthwise ? 1 : chunks.images) {
-    const int64_t n = depthwise ? 1 : std::min(chunks.images, p.batch - b0);
-    std::vector<SamplePass> passes;
-    passes.reserve(n);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t b = b0 + i;
-      SamplePass& pass = passes.emplace_back(g);
-      pass.offset = per_image(offset, b, column_dtype, points);
-      pass.mask = per_image(mask, b, column_dtype, points);
-      if (need_columns || need_offset || need_mask) pass.image = image_source[b].to(column_dtype);
-      if (need_offset) pass.grad_offset = grad_offset[b].view({-1, points});
-      if (need_mask) pass.grad_mask = grad_mask[b].view({-1, points});
-      if (scatter_input) {
-        pass.grad_image = accumulate_in_input ? grad_input[b].zero_() : at::zeros(p.image_shape, column_options);
-      }
-    }
-    const at::Tensor dense = dense_source.narrow(0, b0, n).to(column_dtype).view({n, p.grid_channels, points});
-    if (depthwise) {
-      SamplePass& pass = passes[0];
-      pass.depthwise_weight = w.view({groups, -1});
-      if (need_grad_columns || need_weight) pass.dense = dense[0].view({groups, points});
-      if (need_weight) pass.grad_depthwise_weight = grad_weight.view({groups, -1});
-      if (need_input && transposed) pass.dense_out = grad_dense[b0].view({groups, points}).zero_();
-      sample_in_chunks(kernels, pass, chunk, points);
-    }
-    for (int64_t first = 0; first < points && !depthwise; first += chunk) {
-      const int64_t count = std::min(chunk, points - first);
-      const int64_t width = n * count;
-      const at::Tensor dense_chunk = images_side_by_side(dense.narrow(2, first, count), groups);
-      at::Tensor columns, grad_columns;
-      if (need_grad_columns) {
-        grad_columns = grad_column_buffer.narrow(0, 0, image_rows * width).view({image_rows, width});
-        at::Tensor grouped = grad_columns.view({groups, rows_per_group, width});
-        at::bmm_out(grouped, w.transpose(1, 2), dense_chunk);
-      }
-      if (need_columns) columns = column_buffer.narrow(0, 0, image_rows * width).view({image_rows, width});
-      for (int64_t i = 0; i < n; ++i) {
-        SamplePass& pass = passes[i];
-        pass.first = first;
-        pass.count = count;
-        pass.column_stride = width;
-        if (need_grad_columns) pass.grad_columns = grad_columns.narrow(1, i * count, count);
-        if (need_columns) pass.columns = columns.narrow(1, i * count, count);
-        kernels.sample(pass);
-      }
-      if (need_columns) {
-        const at::Tensor grouped = columns.view({groups, rows_per_group, width});
-        if (need_weight) grad_weight.baddbmm_(dense_chunk, grouped.transpose(1, 2));
-        if (need_input && transposed) {
-          copy_images_back(at::bmm(w, grouped),
-                           grad_dense.narrow(0, b0, n).view({n, p.grid_channels, points}).narrow(2, first, count));
-        }
-      }
-    }
-    for (int64_t i = 0; i < n && scatter_input && !accumulate_in_input; ++i) {
-      grad_input[b0 + i].copy_(passes[i].grad_image);
-    }
+  const at::ScalarType dtype = input.scalar_type();
+  if (want.input) {
+    const at::Tensor cl = grads.input.view(transposed ? c.grid_shape() : c.image_shape());
+    result[0] = from_channels_last(kernels, cl, input.suggest_memory_format(), dtype);
   }
-  if (need_input && transposed && !grad_dense.is_same(grad_input)) grad_input.copy_(grad_dense);
-  if (need_weight) grad_weight = grad_weight.view(weight.sizes()).to(dtype);
-  if (need_offset) grad_offset = grad_offset.to(dtype);
-  if (need_mask) grad_mask = grad_mask.to(dtype);
-  return {grad_input, grad_weight, grad_offset, grad_mask};
+  if (want.weight) {
+    const at::Tensor w = is_depthwise(p) ? grads.weight.t().reshape(weight.sizes()) : weight_from_columns(grads.weight, weight);
+    result[1] = in_format(w, weight.suggest_memory_format(), dtype);
+  }
+  if (want.offset) result[2] = grads.offset.to(dtype);
+  if (want.mask) result[3] = grads.mask.to(dtype);
+  return std::make_tuple(result[0], result[1], result[2], result[3]);
 }
-
 namespace {
 
 // The argument checks of both ops, for kernels that live outside C++ (the Triton kernels check
