@@ -234,14 +234,19 @@ def _onnxruntime() -> Callable[[DeformConvShape, Tensors], Tensor]:
 def load_implementations() -> tuple[Dict[str, Callable], List[str]]:
     """The implementations that import, and a note for each peer that does not."""
     impls = {"dcn_plugin": _run_dcn_plugin, "F.conv": _run_torch_conv}
+    peers = {"torchvision": _torchvision, "mmcv": _mmcv, "tvdcn": _tvdcn, "onnxruntime": _onnxruntime}
+    return impls, load_peers(impls, peers)
+
+
+def load_peers(impls: Dict[str, Callable], loaders: Dict[str, Callable[[], Callable]]) -> List[str]:
+    """Adds each peer that imports to ``impls``; returns a note for each one that does not."""
     notes = []
-    for name, loader in (("torchvision", _torchvision), ("mmcv", _mmcv), ("tvdcn", _tvdcn),
-                         ("onnxruntime", _onnxruntime)):
+    for name, loader in loaders.items():
         try:
             impls[name] = loader()
         except Exception as exc:  # a peer that does not import is not benchmarked
             notes.append(f"{name}: not benchmarked ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
-    return impls, notes
+    return notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,13 +357,7 @@ def load_roi_implementations() -> tuple[Dict[str, Callable], List[str]]:
         "dcn_plugin": _run_roi_pool,
         "no offset": lambda case, t: _run_roi_pool(case, t, offset=False),
     }
-    notes = []
-    for name, loader in (("torchvision roi_align", _torchvision_roi), ("mmcv", _mmcv_roi)):
-        try:
-            impls[name] = loader()
-        except Exception as exc:  # a peer that does not import is not benchmarked
-            notes.append(f"{name}: not benchmarked ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
-    return impls, notes
+    return impls, load_peers(impls, {"torchvision roi_align": _torchvision_roi, "mmcv": _mmcv_roi})
 
 
 # --------------------------------------------------------------------------------------------
