@@ -296,10 +296,11 @@ void im2col(const Grid<N, T>& grid) {
   });
 }
 
-template <int N, typename T>
-void col2im(const Grid<N, T>& grid) {
+// Scatters every sample's channel vector onto its 2^N corner rows, times the mask-folded corner
+// weights; `source(r, k, s)` gives the sample's vector as a function of (j, lanes).
+template <int N, typename T, typename Source>
+void scatter(const Grid<N, T>& grid, Source&& source) {
   constexpr int kCorners = Grid<N, T>::kCorners;
-  const T* grad_columns = static_cast<const T*>(grid.chunk.grad_columns);
   parallel_scatter(grid, [&](int64_t r0, int64_t r1, ScatterTarget<T> target) {
     std::vector<T> trash(grid.C);
     grid.for_each_sample(r0, r1, [&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
@@ -307,14 +308,23 @@ void col2im(const Grid<N, T>& grid) {
       grid.target_rows(i, c, s, target, trash.data(), dst);
       T w[kCorners];
       for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
-      const T* grad = grad_columns + grid.column(r, k, s);
+      const auto vector = source(r, k, s);
       for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
-        const Vec<T> gv = load(grad + j, lanes);
+        const Vec<T> gv = vector(j, lanes);
         for (int q = 0; q < kCorners; ++q) {
           store(at::vec::fmadd(Vec<T>(w[q]), gv, load(dst[q] + j, lanes)), dst[q] + j, lanes);
         }
       });
     });
+  });
+}
+
+template <int N, typename T>
+void col2im(const Grid<N, T>& grid) {
+  const T* grad_columns = static_cast<const T*>(grid.chunk.grad_columns);
+  scatter(grid, [&](int64_t r, int64_t k, const Segment& s) {
+    const T* grad = grad_columns + grid.column(r, k, s);
+    return [grad](int64_t j, auto lanes) { return load(grad + j, lanes); };
   });
 }
 
@@ -391,25 +401,12 @@ void depthwise(const Grid<N, T>& grid) {
 
 template <int N, typename T>
 void depthwise_col2im(const Grid<N, T>& grid) {
-  constexpr int kCorners = Grid<N, T>::kCorners;
   const T* weight = static_cast<const T*>(grid.chunk.depthwise_weight);
   const T* dense = static_cast<const T*>(grid.chunk.dense);
-  parallel_scatter(grid, [&](int64_t r0, int64_t r1, ScatterTarget<T> target) {
-    std::vector<T> trash(grid.C);
-    grid.for_each_sample(r0, r1, [&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
-      T* dst[kCorners];
-      grid.target_rows(i, c, s, target, trash.data(), dst);
-      T w[kCorners];
-      for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
-      const T* wk = weight + k * grid.C + s.c0;
-      const T* dr = dense + r * grid.C + s.c0;
-      for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
-        const Vec<T> gv = load(wk + j, lanes) * load(dr + j, lanes);
-        for (int q = 0; q < kCorners; ++q) {
-          store(at::vec::fmadd(Vec<T>(w[q]), gv, load(dst[q] + j, lanes)), dst[q] + j, lanes);
-        }
-      });
-    });
+  scatter(grid, [&](int64_t r, int64_t k, const Segment& s) {
+    const T* wk = weight + k * grid.C + s.c0;
+    const T* dr = dense + r * grid.C + s.c0;
+    return [wk, dr](int64_t j, auto lanes) { return load(wk + j, lanes) * load(dr + j, lanes); };
   });
 }
 
