@@ -3,7 +3,7 @@
 //
 // The driver turns the op into matrix products and sampling sweeps (sweep.h), all channels-last:
 // the sampled image is (B, *image_size, C_image), the tensors on the grid are (B * L, C) matrices
-// of grid rows, and a chunk of grid rows has columns (rows, K * C_image) per group. With the weight
+// of grid rows, and a panel of grid rows has columns (rows, K * C_image) per group. With the weight
 // W viewed as (groups, C_grid / groups, K * C_image / groups):
 //   convolution:  out = im2col(in) @ W^T           transposed:  out = col2im(in @ W)
 // and the backward of both comes from sweeps and matrix products:
@@ -11,11 +11,14 @@
 //   d offset, d mask = coordinate gradients of sampling image, against dense @ W
 //   d input  = col2im(grad_out @ W)  for convolution,  im2col(grad_out) @ W^T  for transposed.
 // Depthwise convolution (one channel per group) leaves a matrix product nothing to amortise the
-// columns over, so its sweeps contract with the weight themselves. Work is cut into chunks of grid
-// rows whose columns fit the workspace limit. Inputs may come in any layout; outputs take the
-// layout torch's convolution would give.
+// columns over, so its sweeps contract with the weight themselves. Each thread takes a part of the
+// grid rows and works through it in panels: a sweep fills the panel's columns, and the thread's
+// own (single-threaded) products consume them while they are still in its core's cache. Inputs
+// may come in any layout; outputs take the layout torch's convolution would give.
 #include "deform_conv.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/accumulate.h>
 #include <Python.h>
@@ -293,35 +296,33 @@ at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a, b.t());
 }
 
-// (rows, groups * N) whose group g is columns[g] @ w[g]^T, for columns (groups, rows, K), w (groups, N, K).
-at::Tensor columns_times(const at::Tensor& columns, const at::Tensor& w) {
-  const int64_t groups = w.size(0);
-  if (groups == 1) return matmul_nt(columns[0], w[0]);
-  std::vector<at::Tensor> parts;
-  for (int64_t g = 0; g < groups; ++g) parts.push_back(matmul_nt(columns[g], w[g]));
-  return at::cat(parts, 1);
+// out (rows, groups * N) = columns[g] @ w[g]^T in group g's columns, for columns (groups, rows, K)
+// and w (groups, N, K).
+void columns_times(const at::Tensor& columns, const at::Tensor& w, const at::Tensor& out) {
+  const int64_t groups = w.size(0), n = w.size(1);
+  for (int64_t g = 0; g < groups; ++g) out.narrow(1, g * n, n).copy_(matmul_nt(columns[g], w[g]));
 }
 
-// (groups, rows, K) whose group g is dense_g @ w_t[g]^T, for dense (rows, groups * N), w_t (groups, K, N).
-at::Tensor dense_times(const at::Tensor& dense, const at::Tensor& w_t) {
-  const int64_t groups = w_t.size(0), n = w_t.size(2);
-  if (groups == 1) return matmul_nt(dense, w_t[0]).unsqueeze(0);
-  std::vector<at::Tensor> parts;
-  for (int64_t g = 0; g < groups; ++g) parts.push_back(matmul_nt(dense.narrow(1, g * n, n), w_t[g]));
-  return at::stack(parts);
+// grad_columns (groups, rows, K) = dense_g @ w[g] for dense (rows, groups * N) and w (groups, N, K).
+void dense_times(const at::Tensor& dense, const at::Tensor& w, const at::Tensor& grad_columns) {
+  const int64_t groups = w.size(0), n = w.size(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    at::Tensor out = grad_columns[g];
+    at::mm_out(out, dense.narrow(1, g * n, n), w[g]);
+  }
 }
 
 // grad_w[g] += dense_g^T @ columns[g].
-void add_weight_gradient(const SamplingKernels& kernels, const at::Tensor& grad_w, const at::Tensor& dense,
-                         const at::Tensor& columns) {
+void add_weight_gradient(const at::Tensor& grad_w, const at::Tensor& dense, const at::Tensor& columns) {
   const int64_t groups = grad_w.size(0), n = grad_w.size(1);
-  if (groups == 1) {
-    grad_w[0].add_(matmul_nt(transposed(kernels, dense.unsqueeze(0))[0], columns[0].t()));
-    return;
-  }
-  for (int64_t g = 0; g < groups; ++g) {
-    grad_w[g].add_(matmul_nt(dense.narrow(1, g * n, n).t().contiguous(), columns[g].t()));
-  }
+  for (int64_t g = 0; g < groups; ++g) grad_w[g].addmm_(dense.narrow(1, g * n, n).t(), columns[g]);
+}
+
+// The sum of `terms`, added in their order.
+at::Tensor sum_in_order(const std::vector<at::Tensor>& terms) {
+  at::Tensor sum = terms.front();
+  for (size_t t = 1; t < terms.size(); ++t) sum.add_(terms[t]);
+  return sum;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -360,24 +361,23 @@ struct Call {
     return c;
   }
 
-  // Grid rows per chunk: enough for an efficient product, few chunks (each costs a round of
-  // products and, where a chunk splits an image, per-thread scatter buffers), few enough that the
-  // chunk's `buffers` column buffers stay in the last-level cache between the sweep and the
-  // product, and within the workspace limit. 16 MiB was measured at 2 threads (32 MiB L3), in one
-  // process against 4 MiB, forward+backward / F.conv: 8x64x32² 2.0x vs 3.7x, 16x128x8² 1.6x vs
-  // 2.2x, 2x256x25² 1.4x vs 1.5x, 2x128x50² 1.6x vs 2.0x; the DCNv2 quick-start training step
-  // 1.33x vs 1.49x the plain one.
-  int64_t chunk_rows(int64_t buffers) const {
-    constexpr int64_t kCacheBytes = int64_t(16) << 20, kMinRows = 256;
-    const int64_t per_row = buffers * K * p.image_channels * int64_t(at::elementSize(dtype));
-    const int64_t all = std::max<int64_t>(rows, 1);
-    if (per_row == 0) return all;
-    const int64_t rows_wanted = std::max(kMinRows, kCacheBytes / per_row);
-    return std::clamp<int64_t>(std::min(rows_wanted, workspace_limit() / per_row), 1, all);
+  // Grid rows per panel: a thread's `buffers` column buffers for one panel fit in about a core's
+  // L2 cache, so the columns a sweep writes are still there for the products that read them; at
+  // least 128 rows, as the products read the whole weight once per panel (at 16x256x4² the
+  // backward took 1.99x conv with 64 rows, 1.76x with 128); within the workspace limit. 1 MiB
+  // against 0.5, 2 and 4 MiB at 2 threads (tools/benchmark.py): no size was better on every case.
+  int64_t panel_rows(int64_t buffers) const {
+    constexpr int64_t kPanelBytes = int64_t(1) << 20, kMinRows = 128;
+    const int64_t per_row = std::max<int64_t>(1, buffers * K * p.image_channels * int64_t(at::elementSize(dtype)));
+    const int64_t wanted = std::max(kMinRows, kPanelBytes / per_row);
+    return std::clamp<int64_t>(std::min(wanted, workspace_limit() / per_row), 1, std::max<int64_t>(rows, 1));
   }
 
-  at::Tensor columns(int64_t count) const {
-    return at::empty({p.groups, count, K * p.image_channels / p.groups}, options);
+  // A thread's column buffer for panels of `panel` rows, and its first `count` rows as columns
+  // (groups, count, K * C_image / groups).
+  at::Tensor column_buffer(int64_t panel) const { return at::empty({panel * K * p.image_channels}, options); }
+  at::Tensor columns(const at::Tensor& buffer, int64_t count) const {
+    return buffer.narrow(0, 0, count * K * p.image_channels).view({p.groups, count, K * p.image_channels / p.groups});
   }
 
   // The weight as the columns see it: (groups, C_grid / groups, K * C_image / groups), each row laid
@@ -404,41 +404,123 @@ struct Call {
   }
 };
 
-at::Tensor im2col(const SamplingKernels& kernels, const Call& c, const at::Tensor& image, int64_t r0, int64_t r1) {
-  at::Tensor columns = c.columns(r1 - r0);
-  Chunk chunk = c.chunk(r0, r1);
-  chunk.image = image.data_ptr();
-  chunk.columns = columns.data_ptr();
-  kernels.sweep(chunk, Sweep::im2col());
-  return columns;
-}
+// A run of grid rows that one thread sweeps and multiplies, panel by panel, and where its scatter
+// onto the image writes: `scatter` holds images first_image, first_image + 1, ...
+struct Part {
+  int64_t row_begin = 0, row_end = 0;
+  at::Tensor scatter;
+  int64_t first_image = 0;
 
-// out = im2col(image) @ W^T, chunk by chunk: (B * L, C_grid).
-at::Tensor convolve(const SamplingKernels& kernels, const Call& c, const at::Tensor& image, const at::Tensor& w) {
-  const int64_t step = c.chunk_rows(1);
-  if (step >= c.rows) return columns_times(im2col(kernels, c, image, 0, c.rows), w);
-  at::Tensor out = at::empty({c.rows, c.p.grid_channels}, c.options);
-  for (int64_t r0 = 0; r0 < c.rows; r0 += step) {
-    const int64_t r1 = std::min(c.rows, r0 + step);
-    out.narrow(0, r0, r1 - r0).copy_(columns_times(im2col(kernels, c, image, r0, r1), w));
+  void attach(Chunk& chunk) const {
+    if (!scatter.defined()) return;
+    chunk.grad_image = scatter.data_ptr();
+    chunk.grad_image_first = first_image;
   }
+
+  // f(r0, r1) for the panels of at most `panel` rows, in order.
+  template <typename F>
+  void for_each_panel(int64_t panel, F&& f) const {
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += panel) f(r0, std::min(row_end, r0 + panel));
+  }
+};
+
+// The batch's grid rows split among the threads, one part each. Parts write disjoint rows; sums
+// are kept per part and added in part order, so results are deterministic for a thread count.
+// With a scatter target (B, *image_size, C), parts own whole images where there are at least as
+// many images as parts; otherwise each part but the first scatters into a private zeroed copy of
+// the images it touches, added to the target in part order by finish().
+class Parts {
+ public:
+  explicit Parts(const Call& c, const at::Tensor& scatter = at::Tensor()) : target_(scatter) {
+    constexpr int64_t kMinSamples = 4096;  // channel samples per part, worth a thread
+    const int64_t batch = c.p.batch, L = c.L;
+    const int64_t work = c.rows * c.K * c.p.image_channels;
+    int64_t count = std::clamp<int64_t>(work / kMinSamples, 1, std::max(1, at::get_num_threads()));
+    count = std::min(count, std::max<int64_t>(c.rows, 1));
+    if (scatter.defined() && batch >= count) {
+      for (int64_t q = 0; q < count; ++q) {
+        parts_.push_back({batch * q / count * L, batch * (q + 1) / count * L, scatter, 0});
+      }
+      return;
+    }
+    if (scatter.defined()) {  // private copies: within the workspace limit
+      const int64_t image_bytes = scatter.numel() / std::max<int64_t>(batch, 1) * scatter.element_size();
+      const int64_t images_per_part = c.rows / count / std::max<int64_t>(L, 1) + 2;
+      count = std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(1, image_bytes * images_per_part) + 1, 1, count);
+    }
+    for (int64_t q = 0; q < count; ++q) {
+      Part part{c.rows * q / count, c.rows * (q + 1) / count};
+      if (scatter.defined()) {
+        const int64_t first = part.row_begin / L, last = (part.row_end - 1) / L;
+        part.scatter = q == 0 ? scatter : at::zeros({last - first + 1, scatter.numel() / batch}, scatter.options());
+        part.first_image = q == 0 ? 0 : first;
+      }
+      parts_.push_back(part);
+    }
+  }
+
+  int64_t size() const { return static_cast<int64_t>(parts_.size()); }
+
+  // f(index, part) for every part, each on a thread.
+  template <typename F>
+  void run(F&& f) const {
+    at::parallel_for(0, size(), 1, [&](int64_t q0, int64_t q1) {
+      // Worker threads do not inherit the caller's dispatch state: keep the products off autograd.
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t q = q0; q < q1; ++q) f(q, parts_[q]);
+    });
+  }
+
+  // Adds the private copies to the scatter target, in part order.
+  void finish() const {
+    for (const Part& part : parts_) {
+      if (part.scatter.defined() && !part.scatter.is_same(target_)) {
+        target_.view({target_.size(0), -1}).narrow(0, part.first_image, part.scatter.size(0)).add_(part.scatter);
+      }
+    }
+  }
+
+ private:
+  std::vector<Part> parts_;
+  at::Tensor target_;
+};
+
+// out = im2col(image) @ W^T, panel by panel: (B * L, C_grid).
+at::Tensor convolve(const SamplingKernels& kernels, const Call& c, const at::Tensor& image, const at::Tensor& w) {
+  at::Tensor out = at::empty({c.rows, c.p.grid_channels}, c.options);
+  const int64_t panel = c.panel_rows(1);
+  Parts(c).run([&](int64_t, const Part& part) {
+    const at::Tensor buffer = c.column_buffer(panel);
+    part.for_each_panel(panel, [&](int64_t r0, int64_t r1) {
+      const at::Tensor columns = c.columns(buffer, r1 - r0);
+      Chunk chunk = c.chunk(r0, r1);
+      chunk.image = image.data_ptr();
+      chunk.columns = columns.data_ptr();
+      kernels.sweep(chunk, Sweep::im2col());
+      columns_times(columns, w, out.narrow(0, r0, r1 - r0));
+    });
+  });
   return out;
 }
 
-// out = col2im(dense @ W), chunk by chunk: (B, *image_size, C_image).
+// out = col2im(dense @ W), panel by panel: (B, *image_size, C_image).
 at::Tensor convolve_transposed(const SamplingKernels& kernels, const Call& c, const at::Tensor& dense,
                                const at::Tensor& w) {
   at::Tensor out = at::zeros(c.image_shape(), c.options);
-  const at::Tensor w_t = w.transpose(1, 2).contiguous();
-  const int64_t step = c.chunk_rows(1);
-  for (int64_t r0 = 0; r0 < c.rows; r0 += step) {
-    const int64_t r1 = std::min(c.rows, r0 + step);
-    const at::Tensor grad_columns = dense_times(dense.narrow(0, r0, r1 - r0), w_t);
-    Chunk chunk = c.chunk(r0, r1);
-    chunk.grad_columns = grad_columns.data_ptr();
-    chunk.grad_image = out.data_ptr();
-    kernels.sweep(chunk, Sweep::col2im());
-  }
+  const int64_t panel = c.panel_rows(1);
+  const Parts parts(c, out);
+  parts.run([&](int64_t, const Part& part) {
+    const at::Tensor buffer = c.column_buffer(panel);
+    part.for_each_panel(panel, [&](int64_t r0, int64_t r1) {
+      const at::Tensor grad_columns = c.columns(buffer, r1 - r0);
+      dense_times(dense.narrow(0, r0, r1 - r0), w, grad_columns);
+      Chunk chunk = c.chunk(r0, r1);
+      chunk.grad_columns = grad_columns.data_ptr();
+      part.attach(chunk);
+      kernels.sweep(chunk, Sweep::col2im());
+    });
+  });
+  parts.finish();
   return out;
 }
 
@@ -446,11 +528,13 @@ at::Tensor convolve_transposed(const SamplingKernels& kernels, const Call& c, co
 at::Tensor depthwise_forward(const SamplingKernels& kernels, const Call& c, const at::Tensor& image,
                              const at::Tensor& weight) {
   at::Tensor out = at::zeros({c.rows, c.p.grid_channels}, c.options);
-  Chunk chunk = c.chunk(0, c.rows);
-  chunk.image = image.data_ptr();
-  chunk.depthwise_weight = weight.data_ptr();
-  chunk.dense_out = out.data_ptr();
-  kernels.sweep(chunk, Sweep::depthwise());
+  Parts(c).run([&](int64_t, const Part& part) {
+    Chunk chunk = c.chunk(part.row_begin, part.row_end);
+    chunk.image = image.data_ptr();
+    chunk.depthwise_weight = weight.data_ptr();
+    chunk.dense_out = out.data_ptr();
+    kernels.sweep(chunk, Sweep::depthwise());
+  });
   return out;
 }
 
@@ -458,11 +542,15 @@ at::Tensor depthwise_forward(const SamplingKernels& kernels, const Call& c, cons
 at::Tensor depthwise_transposed(const SamplingKernels& kernels, const Call& c, const at::Tensor& dense,
                                 const at::Tensor& weight) {
   at::Tensor out = at::zeros(c.image_shape(), c.options);
-  Chunk chunk = c.chunk(0, c.rows);
-  chunk.dense = dense.data_ptr();
-  chunk.depthwise_weight = weight.data_ptr();
-  chunk.grad_image = out.data_ptr();
-  kernels.sweep(chunk, Sweep::depthwise_col2im());
+  const Parts parts(c, out);
+  parts.run([&](int64_t, const Part& part) {
+    Chunk chunk = c.chunk(part.row_begin, part.row_end);
+    chunk.dense = dense.data_ptr();
+    chunk.depthwise_weight = weight.data_ptr();
+    part.attach(chunk);
+    kernels.sweep(chunk, Sweep::depthwise_col2im());
+  });
+  parts.finish();
   return out;
 }
 
@@ -493,7 +581,7 @@ struct Gradients {
 };
 
 // d W = dense^T @ im2col(image); d offset, d mask against dense @ W; d input = col2im(dense @ W)
-// for convolution and im2col(image) @ W^T for the transposed op. One sweep per chunk gathers the
+// for convolution and im2col(image) @ W^T for the transposed op. One sweep per panel gathers the
 // samples once for all of them.
 void column_backward(const SamplingKernels& kernels, const Call& c, bool transposed, const Wanted& want,
                      const at::Tensor& image, const at::Tensor& dense, const at::Tensor& w, Gradients& grads) {
@@ -502,29 +590,36 @@ void column_backward(const SamplingKernels& kernels, const Call& c, bool transpo
   const bool grad_columns = col2im || want.coordinates();
   if (col2im) grads.input = at::zeros(c.image_shape(), c.options);
   if (want.input && transposed) grads.input = at::empty({c.rows, c.p.grid_channels}, c.options);
-  if (want.weight) grads.weight = at::zeros_like(w);
-  const at::Tensor w_t = w.transpose(1, 2).contiguous();
-  const int64_t step = c.chunk_rows(int64_t(columns) + int64_t(grad_columns));
-  for (int64_t r0 = 0; r0 < c.rows; r0 += step) {
-    const int64_t r1 = std::min(c.rows, r0 + step), n = r1 - r0;
-    const at::Tensor dense_rows = dense.narrow(0, r0, n);
-    const at::Tensor gcols = grad_columns ? dense_times(dense_rows, w_t) : at::Tensor();
-    const at::Tensor cols = columns ? c.columns(n) : at::Tensor();
-    Chunk chunk = c.chunk(r0, r1);
-    grads.attach(chunk);
-    if (image.defined()) chunk.image = image.data_ptr();
-    if (col2im) chunk.grad_image = grads.input.data_ptr();
-    if (gcols.defined()) chunk.grad_columns = gcols.data_ptr();
-    if (cols.defined()) chunk.columns = cols.data_ptr();
-    if (want.coordinates()) {
-      kernels.sweep(chunk, Sweep::gradients(columns, col2im));
-    } else {
-      if (columns) kernels.sweep(chunk, Sweep::im2col());
-      if (col2im) kernels.sweep(chunk, Sweep::col2im());
-    }
-    if (want.weight) add_weight_gradient(kernels, grads.weight, dense_rows, cols);
-    if (want.input && transposed) grads.input.narrow(0, r0, n).copy_(columns_times(cols, w));
-  }
+  const int64_t panel = c.panel_rows(int64_t(columns) + int64_t(grad_columns));
+  const Parts parts(c, col2im ? grads.input : at::Tensor());
+  std::vector<at::Tensor> weight_sums(parts.size());
+  parts.run([&](int64_t index, const Part& part) {
+    const at::Tensor column_buffer = columns ? c.column_buffer(panel) : at::Tensor();
+    const at::Tensor grad_buffer = grad_columns ? c.column_buffer(panel) : at::Tensor();
+    if (want.weight) weight_sums[index] = at::zeros_like(w);
+    part.for_each_panel(panel, [&](int64_t r0, int64_t r1) {
+      const at::Tensor dense_rows = dense.narrow(0, r0, r1 - r0);
+      const at::Tensor cols = columns ? c.columns(column_buffer, r1 - r0) : at::Tensor();
+      const at::Tensor gcols = grad_columns ? c.columns(grad_buffer, r1 - r0) : at::Tensor();
+      if (grad_columns) dense_times(dense_rows, w, gcols);
+      Chunk chunk = c.chunk(r0, r1);
+      grads.attach(chunk);
+      part.attach(chunk);
+      if (image.defined()) chunk.image = image.data_ptr();
+      if (gcols.defined()) chunk.grad_columns = gcols.data_ptr();
+      if (cols.defined()) chunk.columns = cols.data_ptr();
+      if (want.coordinates()) {
+        kernels.sweep(chunk, Sweep::gradients(columns, col2im));
+      } else {
+        if (columns) kernels.sweep(chunk, Sweep::im2col());
+        if (col2im) kernels.sweep(chunk, Sweep::col2im());
+      }
+      if (want.weight) add_weight_gradient(weight_sums[index], dense_rows, cols);
+      if (want.input && transposed) columns_times(cols, w, grads.input.narrow(0, r0, r1 - r0));
+    });
+  });
+  parts.finish();
+  if (want.weight) grads.weight = sum_in_order(weight_sums);
 }
 
 // d weight (and d offset, d mask) in one sweep; d input by the depthwise forward of the other role.
@@ -532,14 +627,19 @@ void depthwise_backward(const SamplingKernels& kernels, const Call& c, bool tran
                         const at::Tensor& image, const at::Tensor& dense, const at::Tensor& weight,
                         Gradients& grads) {
   if (want.weight || want.coordinates()) {
-    grads.weight = at::zeros_like(weight);  // a scratch sum when only coordinates are wanted
-    Chunk chunk = c.chunk(0, c.rows);
-    grads.attach(chunk);
-    chunk.image = image.data_ptr();
-    chunk.dense = dense.data_ptr();
-    chunk.depthwise_weight = weight.data_ptr();
-    chunk.grad_depthwise_weight = grads.weight.data_ptr();
-    kernels.sweep(chunk, Sweep::depthwise_gradients(want.coordinates()));
+    const Parts parts(c);
+    std::vector<at::Tensor> weight_sums(parts.size());  // scratch sums when only coordinates are wanted
+    parts.run([&](int64_t index, const Part& part) {
+      weight_sums[index] = at::zeros_like(weight);
+      Chunk chunk = c.chunk(part.row_begin, part.row_end);
+      grads.attach(chunk);
+      chunk.image = image.data_ptr();
+      chunk.dense = dense.data_ptr();
+      chunk.depthwise_weight = weight.data_ptr();
+      chunk.grad_depthwise_weight = weight_sums[index].data_ptr();
+      kernels.sweep(chunk, Sweep::depthwise_gradients(want.coordinates()));
+    });
+    grads.weight = sum_in_order(weight_sums);
   }
   if (want.input) {
     grads.input = transposed ? depthwise_forward(kernels, c, image, weight)

@@ -44,8 +44,9 @@ struct Geometry {
   }
 };
 
-// The sweeps. Each is one pass over the samples (grid point, kernel point, channel) of a chunk of
-// grid points; the driver composes forward and backward from them and matrix products.
+// The sweeps. Each is one pass, on the calling thread, over the samples (grid point, kernel point,
+// channel) of a chunk of grid points; the driver composes forward and backward from them and
+// matrix products, and runs chunks on several threads.
 struct Sweep {
   enum Kind {
     kIm2col,              // columns = mask * sample(image)
@@ -80,14 +81,16 @@ struct GridTensor {
 
 // What a sweep reads and writes. It covers the rows [row_begin, row_end) of the batch's grid:
 // row r is grid point r % L of image r / L (L grid points per image). Pointers address the whole
-// batch, in the column dtype; a sweep reads only those its kind needs.
+// batch, in the column dtype, except grad_image, columns and grad_columns; a sweep reads only
+// those its kind needs. Sums it accumulates into must not be written by another thread meanwhile.
 struct Chunk {
   const Geometry* geometry = nullptr;
   c10::ScalarType dtype = c10::ScalarType::Float;
   int64_t row_begin = 0, row_end = 0;
   int64_t groups = 1;                   // convolution groups: the column layout
   const void* image = nullptr;          // (B, image points, C)
-  void* grad_image = nullptr;           // (B, image points, C), accumulated
+  void* grad_image = nullptr;           // (images, image points, C), accumulated, holding images
+  int64_t grad_image_first = 0;         // grad_image_first, grad_image_first + 1, ...
   GridTensor offset, mask;              // (B, offset_groups * K * N, L), (B, mask_groups * K, L)
   GridTensor grad_offset, grad_mask;    // their gradients, accumulated; null: not wanted
   // The chunk's columns, group-major: (groups, rows, K, C / groups) for rows = row_end - row_begin.
@@ -109,8 +112,8 @@ struct SamplingKernels {
   void (*transpose)(c10::ScalarType dtype, const void* src, void* dst, int64_t batch, int64_t rows, int64_t cols);
 };
 
-// Bytes of scratch memory one chunk may use; the driver sizes its chunks with it and the sweeps
-// their per-thread buffers.
+// Bytes of scratch memory the driver may use for one buffer (a thread's columns, a thread's
+// private copy of the images it scatters onto).
 int64_t workspace_limit();
 
 }  // namespace dcn_plugin

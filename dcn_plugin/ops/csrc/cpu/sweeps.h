@@ -7,11 +7,8 @@
 // the 2^N corners are located once, and every channel of the group is then sampled with 2^N
 // contiguous vector loads. Columns are written, and gradient columns read, as contiguous rows.
 //
-// Threads split the grid rows, so each thread owns its rows' columns and coordinate gradients.
-// A scatter onto the image (col2im) gives each thread whole images where a chunk has at least
-// one image per thread; otherwise, per image, every thread but the first scatters into a private
-// buffer, and the buffers are added in thread order. The depthwise weight gradient is summed per
-// thread and added in thread order too. Results are therefore deterministic for a thread count.
+// A sweep runs on one thread, over its chunk's rows in order; the driver gives each thread its own
+// chunks, scatter target and weight-gradient sums, so results are deterministic for a thread count.
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -19,7 +16,7 @@
 #endif
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include <ATen/Parallel.h>  // the layout transposes
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/macros/Macros.h>
@@ -92,13 +89,6 @@ struct Segment {
   int64_t c0, c1, offset_group, mask_group, group;
 };
 
-// Where a scatter writes: image i's point q at data + ((i - image0) * P + q) * C.
-template <typename T>
-struct ScatterTarget {
-  T* data;
-  int64_t image0;
-};
-
 // A chunk as the sweeps read it: its extents, its channel segments, and the addressing of every
 // tensor, with the loop over samples that all sweeps share.
 template <int N, typename T>
@@ -145,12 +135,12 @@ struct Grid {
     first_segment.push_back(segments.size());
   }
 
-  // Calls f(r, i, k, corners, segment, mask) for every sample of rows [r0, r1): row r is grid
-  // point l of image i; corners are located once per kernel point and offset group.
+  // Calls f(r, i, k, corners, segment, mask) for every sample of the chunk's rows, in order: row r
+  // is grid point l of image i; corners are located once per kernel point and offset group.
   template <typename F>
-  void for_each_sample(int64_t r0, int64_t r1, F&& f) const {
+  void for_each_sample(F&& f) const {
     const int64_t offset_groups = static_cast<int64_t>(first_segment.size()) - 1;
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r = chunk.row_begin; r < chunk.row_end; ++r) {
       const int64_t i = r / L, l = r % L;
       T base[N];
       base_position(l, base);
@@ -173,13 +163,11 @@ struct Grid {
     }
   }
 
-  // Where each corner's channels of segment s are scattered to: the target, or `trash` (C values).
-  void target_rows(int64_t i, const Corners<N, T>& corners, const Segment& s, ScatterTarget<T> target, T* trash,
-                   T** out) const {
-    for (int q = 0; q < kCorners; ++q) {
-      out[q] = corners.index[q] >= 0 ? target.data + ((i - target.image0) * P + corners.index[q]) * C + s.c0
-                                     : trash + s.c0;
-    }
+  // Where each corner's channels of segment s are scattered to: the chunk's grad_image, or `trash`
+  // (C values) outside the image.
+  void target_rows(int64_t i, const Corners<N, T>& corners, const Segment& s, T* trash, T** out) const {
+    T* target = static_cast<T*>(chunk.grad_image) + (i - chunk.grad_image_first) * P * C + s.c0;
+    for (int q = 0; q < kCorners; ++q) out[q] = corners.index[q] >= 0 ? target + corners.index[q] * C : trash + s.c0;
   }
 
   // Offset of the columns of (row r, kernel point k, segment s) in a group-major column buffer.
@@ -227,71 +215,20 @@ struct Grid {
   }
 };
 
-// f(r0, r1) over the chunk's rows, split among threads.
-template <int N, typename T, typename F>
-void parallel_rows(const Grid<N, T>& grid, F&& f) {
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, grid.K * grid.C));
-  at::parallel_for(grid.chunk.row_begin, grid.chunk.row_end, grain, f);
-}
-
-// f(part, r0, r1) for `parts` contiguous runs of [begin, end), in parallel.
-template <typename F>
-void parallel_parts(int64_t begin, int64_t end, int64_t parts, F&& f) {
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      f(p, begin + (end - begin) * p / parts, begin + (end - begin) * (p + 1) / parts);
-    }
-  });
-}
-
-// f(r0, r1, target) over the chunk's rows, so that no two threads scatter onto the same element.
-template <int N, typename T, typename F>
-void parallel_scatter(const Grid<N, T>& grid, F&& f) {
-  const int64_t begin = grid.chunk.row_begin, end = grid.chunk.row_end, L = grid.L;
-  const int64_t first_image = begin / L, last_image = (end - 1) / L;
-  const int64_t threads = at::get_num_threads();
-  T* grad_image = static_cast<T*>(grid.chunk.grad_image);
-  if (last_image - first_image + 1 >= threads) {
-    at::parallel_for(first_image, last_image + 1, 1, [&](int64_t i0, int64_t i1) {
-      f(std::max(begin, i0 * L), std::min(end, i1 * L), ScatterTarget<T>{grad_image, 0});
-    });
-    return;
-  }
-  const int64_t image_size = grid.P * grid.C;
-  const int64_t affordable = workspace_limit() / std::max<int64_t>(1, image_size * int64_t(sizeof(T)));
-  for (int64_t i = first_image; i <= last_image; ++i) {
-    const int64_t r0 = std::max(begin, i * L), r1 = std::min(end, (i + 1) * L);
-    const int64_t parts = std::max<int64_t>(1, std::min({threads, affordable + 1, r1 - r0}));
-    std::vector<T> buffers((parts - 1) * image_size, T(0));
-    parallel_parts(r0, r1, parts, [&](int64_t p, int64_t a, int64_t b) {
-      f(a, b, p == 0 ? ScatterTarget<T>{grad_image, 0} : ScatterTarget<T>{buffers.data() + (p - 1) * image_size, i});
-    });
-    T* image = grad_image + i * image_size;
-    at::parallel_for(0, image_size, 4096, [&](int64_t e0, int64_t e1) {
-      for (int64_t p = 1; p < parts; ++p) {
-        const T* buffer = buffers.data() + (p - 1) * image_size;
-        for (int64_t e = e0; e < e1; ++e) image[e] += buffer[e];
-      }
-    });
-  }
-}
-
 template <int N, typename T>
 void im2col(const Grid<N, T>& grid) {
   constexpr int kCorners = Grid<N, T>::kCorners;
   T* columns = static_cast<T*>(grid.chunk.columns);
-  parallel_rows(grid, [&](int64_t r0, int64_t r1) {
-    grid.for_each_sample(r0, r1, [&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
-      const T* src[kCorners];
-      grid.source_rows(i, c, s, src);
-      T w[kCorners];
-      for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
-      T* out = columns + grid.column(r, k, s);
-      for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
-        Vec<T> v = Vec<T>(w[0]) * load(src[0] + j, lanes);
-        for (int q = 1; q < kCorners; ++q) v = at::vec::fmadd(Vec<T>(w[q]), load(src[q] + j, lanes), v);
-        store(v, out + j, lanes);
-      });
+  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
+    const T* src[kCorners];
+    grid.source_rows(i, c, s, src);
+    T w[kCorners];
+    for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
+    T* out = columns + grid.column(r, k, s);
+    for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
+      Vec<T> v = Vec<T>(w[0]) * load(src[0] + j, lanes);
+      for (int q = 1; q < kCorners; ++q) v = at::vec::fmadd(Vec<T>(w[q]), load(src[q] + j, lanes), v);
+      store(v, out + j, lanes);
     });
   });
 }
@@ -301,20 +238,18 @@ void im2col(const Grid<N, T>& grid) {
 template <int N, typename T, typename Source>
 void scatter(const Grid<N, T>& grid, Source&& source) {
   constexpr int kCorners = Grid<N, T>::kCorners;
-  parallel_scatter(grid, [&](int64_t r0, int64_t r1, ScatterTarget<T> target) {
-    std::vector<T> trash(grid.C);
-    grid.for_each_sample(r0, r1, [&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
-      T* dst[kCorners];
-      grid.target_rows(i, c, s, target, trash.data(), dst);
-      T w[kCorners];
-      for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
-      const auto vector = source(r, k, s);
-      for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
-        const Vec<T> gv = vector(j, lanes);
-        for (int q = 0; q < kCorners; ++q) {
-          store(at::vec::fmadd(Vec<T>(w[q]), gv, load(dst[q] + j, lanes)), dst[q] + j, lanes);
-        }
-      });
+  std::vector<T> trash(grid.C);
+  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
+    T* dst[kCorners];
+    grid.target_rows(i, c, s, trash.data(), dst);
+    T w[kCorners];
+    for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
+    const auto vector = source(r, k, s);
+    for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
+      const Vec<T> gv = vector(j, lanes);
+      for (int q = 0; q < kCorners; ++q) {
+        store(at::vec::fmadd(Vec<T>(w[q]), gv, load(dst[q] + j, lanes)), dst[q] + j, lanes);
+      }
     });
   });
 }
@@ -335,46 +270,39 @@ void gradients(const Grid<N, T>& grid) {
   constexpr int kCorners = Grid<N, T>::kCorners;
   const T* grad_columns = static_cast<const T*>(grid.chunk.grad_columns);
   T* columns = static_cast<T*>(grid.chunk.columns);
-  auto run = [&](int64_t r0, int64_t r1, ScatterTarget<T> target) {
-    std::vector<T> trash(kCol2im ? grid.C : 0);
-    grid.for_each_sample(r0, r1, [&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
-      const T* src[kCorners];
-      grid.source_rows(i, c, s, src);
-      T* dst[kCorners];
-      T w[kCorners];
+  std::vector<T> trash(kCol2im ? grid.C : 0);
+  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
+    const T* src[kCorners];
+    grid.source_rows(i, c, s, src);
+    T* dst[kCorners];
+    T w[kCorners];
+    if constexpr (kCol2im) {
+      grid.target_rows(i, c, s, trash.data(), dst);
+      for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
+    }
+    Vec<T> frac[N];
+    for (int d = 0; d < N; ++d) frac[d] = Vec<T>(c.frac[d]);
+    const int64_t col = grid.column(r, k, s);
+    Vec<T> grad_mask(T(0)), grad_position[N];
+    for (int d = 0; d < N; ++d) grad_position[d] = Vec<T>(T(0));
+    for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
+      Vec<T> x[kCorners], slope[N];
+      for (int q = 0; q < kCorners; ++q) x[q] = load(src[q] + j, lanes);
+      const Vec<T> value = interpolate<N, T>(x, frac, slope);
+      const Vec<T> gv = load(grad_columns + col + j, lanes);
+      grad_mask = at::vec::fmadd(gv, value, grad_mask);
+      for (int d = 0; d < N; ++d) grad_position[d] = at::vec::fmadd(gv, slope[d], grad_position[d]);
+      if constexpr (kColumns) store(value * Vec<T>(m), columns + col + j, lanes);
       if constexpr (kCol2im) {
-        grid.target_rows(i, c, s, target, trash.data(), dst);
-        for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
-      }
-      Vec<T> frac[N];
-      for (int d = 0; d < N; ++d) frac[d] = Vec<T>(c.frac[d]);
-      const int64_t col = grid.column(r, k, s);
-      Vec<T> grad_mask(T(0)), grad_position[N];
-      for (int d = 0; d < N; ++d) grad_position[d] = Vec<T>(T(0));
-      for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
-        Vec<T> x[kCorners], slope[N];
-        for (int q = 0; q < kCorners; ++q) x[q] = load(src[q] + j, lanes);
-        const Vec<T> value = interpolate<N, T>(x, frac, slope);
-        const Vec<T> gv = load(grad_columns + col + j, lanes);
-        grad_mask = at::vec::fmadd(gv, value, grad_mask);
-        for (int d = 0; d < N; ++d) grad_position[d] = at::vec::fmadd(gv, slope[d], grad_position[d]);
-        if constexpr (kColumns) store(value * Vec<T>(m), columns + col + j, lanes);
-        if constexpr (kCol2im) {
-          for (int q = 0; q < kCorners; ++q) {
-            store(at::vec::fmadd(Vec<T>(w[q]), gv, load(dst[q] + j, lanes)), dst[q] + j, lanes);
-          }
+        for (int q = 0; q < kCorners; ++q) {
+          store(at::vec::fmadd(Vec<T>(w[q]), gv, load(dst[q] + j, lanes)), dst[q] + j, lanes);
         }
-      });
-      T slope_sums[N];
-      for (int d = 0; d < N; ++d) slope_sums[d] = sum(grad_position[d]);
-      grid.add_coordinate_gradients(r, k, s, m, sum(grad_mask), slope_sums);
+      }
     });
-  };
-  if constexpr (kCol2im) {
-    parallel_scatter(grid, run);
-  } else {
-    parallel_rows(grid, [&](int64_t r0, int64_t r1) { run(r0, r1, ScatterTarget<T>{nullptr, 0}); });
-  }
+    T slope_sums[N];
+    for (int d = 0; d < N; ++d) slope_sums[d] = sum(grad_position[d]);
+    grid.add_coordinate_gradients(r, k, s, m, sum(grad_mask), slope_sums);
+  });
 }
 
 template <int N, typename T>
@@ -382,19 +310,17 @@ void depthwise(const Grid<N, T>& grid) {
   constexpr int kCorners = Grid<N, T>::kCorners;
   const T* weight = static_cast<const T*>(grid.chunk.depthwise_weight);
   T* out = static_cast<T*>(grid.chunk.dense_out);
-  parallel_rows(grid, [&](int64_t r0, int64_t r1) {
-    grid.for_each_sample(r0, r1, [&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
-      const T* src[kCorners];
-      grid.source_rows(i, c, s, src);
-      T w[kCorners];
-      for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
-      const T* wk = weight + k * grid.C + s.c0;
-      T* o = out + r * grid.C + s.c0;
-      for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
-        Vec<T> v = Vec<T>(w[0]) * load(src[0] + j, lanes);
-        for (int q = 1; q < kCorners; ++q) v = at::vec::fmadd(Vec<T>(w[q]), load(src[q] + j, lanes), v);
-        store(at::vec::fmadd(load(wk + j, lanes), v, load(o + j, lanes)), o + j, lanes);
-      });
+  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
+    const T* src[kCorners];
+    grid.source_rows(i, c, s, src);
+    T w[kCorners];
+    for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
+    const T* wk = weight + k * grid.C + s.c0;
+    T* o = out + r * grid.C + s.c0;
+    for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
+      Vec<T> v = Vec<T>(w[0]) * load(src[0] + j, lanes);
+      for (int q = 1; q < kCorners; ++q) v = at::vec::fmadd(Vec<T>(w[q]), load(src[q] + j, lanes), v);
+      store(at::vec::fmadd(load(wk + j, lanes), v, load(o + j, lanes)), o + j, lanes);
     });
   });
 }
@@ -417,44 +343,35 @@ void depthwise_gradients(const Grid<N, T>& grid) {
   constexpr int kCorners = Grid<N, T>::kCorners;
   const T* weight = static_cast<const T*>(grid.chunk.depthwise_weight);
   const T* dense = static_cast<const T*>(grid.chunk.dense);
-  const int64_t size = grid.K * grid.C;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), grid.rows));
-  std::vector<T> partial(parts * size, T(0));
-  parallel_parts(grid.chunk.row_begin, grid.chunk.row_end, parts, [&](int64_t p, int64_t r0, int64_t r1) {
-    T* grad_weight = partial.data() + p * size;
-    grid.for_each_sample(r0, r1, [&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
-      const T* src[kCorners];
-      grid.source_rows(i, c, s, src);
-      Vec<T> frac[N];
-      for (int d = 0; d < N; ++d) frac[d] = Vec<T>(c.frac[d]);
-      const T* wk = weight + k * grid.C + s.c0;
-      const T* dr = dense + r * grid.C + s.c0;
-      T* gw = grad_weight + k * grid.C + s.c0;
-      Vec<T> grad_mask(T(0)), grad_position[N];
-      for (int d = 0; d < N; ++d) grad_position[d] = Vec<T>(T(0));
-      for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
-        Vec<T> x[kCorners], slope[N];
-        for (int q = 0; q < kCorners; ++q) x[q] = load(src[q] + j, lanes);
-        const Vec<T> value = interpolate<N, T>(x, frac, slope);
-        const Vec<T> dv = load(dr + j, lanes);
-        store(at::vec::fmadd(dv, value * Vec<T>(m), load(gw + j, lanes)), gw + j, lanes);
-        if constexpr (kCoordinates) {
-          const Vec<T> gv = load(wk + j, lanes) * dv;
-          grad_mask = at::vec::fmadd(gv, value, grad_mask);
-          for (int d = 0; d < N; ++d) grad_position[d] = at::vec::fmadd(gv, slope[d], grad_position[d]);
-        }
-      });
+  T* grad_weight = static_cast<T*>(grid.chunk.grad_depthwise_weight);
+  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
+    const T* src[kCorners];
+    grid.source_rows(i, c, s, src);
+    Vec<T> frac[N];
+    for (int d = 0; d < N; ++d) frac[d] = Vec<T>(c.frac[d]);
+    const T* wk = weight + k * grid.C + s.c0;
+    const T* dr = dense + r * grid.C + s.c0;
+    T* gw = grad_weight + k * grid.C + s.c0;
+    Vec<T> grad_mask(T(0)), grad_position[N];
+    for (int d = 0; d < N; ++d) grad_position[d] = Vec<T>(T(0));
+    for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
+      Vec<T> x[kCorners], slope[N];
+      for (int q = 0; q < kCorners; ++q) x[q] = load(src[q] + j, lanes);
+      const Vec<T> value = interpolate<N, T>(x, frac, slope);
+      const Vec<T> dv = load(dr + j, lanes);
+      store(at::vec::fmadd(dv, value * Vec<T>(m), load(gw + j, lanes)), gw + j, lanes);
       if constexpr (kCoordinates) {
-        T slope_sums[N];
-        for (int d = 0; d < N; ++d) slope_sums[d] = sum(grad_position[d]);
-        grid.add_coordinate_gradients(r, k, s, m, sum(grad_mask), slope_sums);
+        const Vec<T> gv = load(wk + j, lanes) * dv;
+        grad_mask = at::vec::fmadd(gv, value, grad_mask);
+        for (int d = 0; d < N; ++d) grad_position[d] = at::vec::fmadd(gv, slope[d], grad_position[d]);
       }
     });
+    if constexpr (kCoordinates) {
+      T slope_sums[N];
+      for (int d = 0; d < N; ++d) slope_sums[d] = sum(grad_position[d]);
+      grid.add_coordinate_gradients(r, k, s, m, sum(grad_mask), slope_sums);
+    }
   });
-  T* out = static_cast<T*>(grid.chunk.grad_depthwise_weight);
-  for (int64_t p = 0; p < parts; ++p) {
-    for (int64_t e = 0; e < size; ++e) out[e] += partial[p * size + e];
-  }
 }
 
 template <int N, typename T>
