@@ -380,6 +380,30 @@ def test_any_workspace_budget(device, n, transposed):
         ops.set_workspace_limit(previous)
 
 
+@pytest.mark.parametrize("n, transposed", DIMS_TRANSPOSED, ids=IDS)
+@pytest.mark.parametrize("batch", [1, 3, 4])
+@pytest.mark.parametrize("groups", [2, 8], ids=["grouped", "depthwise"])
+def test_rows_shared_among_threads(n, transposed, batch, groups):
+    """With 1 to 4 threads, fewer or more images than threads (the scatter onto the image then goes
+    to private copies, or each thread owns whole images), the CPU op matches the reference and
+    repeats itself bitwise."""
+    case = _case(n, transposed, batch=batch, in_channels=8, out_channels=8, groups=groups,
+                 in_size=(256, 16, 7)[n - 1])
+    t = make_tensors(case)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3, 4):
+            torch.set_num_threads(count)
+            out, grads = forward_backward(run_op, case, t)
+            assert_matches_reference(case, t, out, grads)
+            again, grads_again = forward_backward(run_op, case, t)
+            torch.testing.assert_close(again, out, atol=0, rtol=0)
+            for name in grads:
+                torch.testing.assert_close(grads_again[name], grads[name], atol=0, rtol=0, msg=name)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------------
 # Mask activations.
 
