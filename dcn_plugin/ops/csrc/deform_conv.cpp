@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -428,15 +429,17 @@ struct Part {
 // are kept per part and added in part order, so results are deterministic for a thread count.
 // With a scatter target (B, *image_size, C), parts own whole images where there are at least as
 // many images as parts; otherwise each part but the first scatters into a private zeroed copy of
-// the images it touches, added to the target in part order by finish().
+// the images it touches, added to the target in part order by finish(). At most `max_count` parts.
 class Parts {
  public:
-  explicit Parts(const Call& c, const at::Tensor& scatter = at::Tensor()) : target_(scatter) {
+  explicit Parts(const Call& c, const at::Tensor& scatter = at::Tensor(),
+                 int64_t max_count = std::numeric_limits<int64_t>::max())
+      : target_(scatter) {
     constexpr int64_t kMinSamples = 4096;  // channel samples per part, worth a thread
     const int64_t batch = c.p.batch, L = c.L;
     const int64_t work = c.rows * c.K * c.p.image_channels;
     int64_t count = std::clamp<int64_t>(work / kMinSamples, 1, std::max(1, at::get_num_threads()));
-    count = std::min(count, std::max<int64_t>(c.rows, 1));
+    count = std::clamp<int64_t>(std::min(count, c.rows), 1, std::max<int64_t>(max_count, 1));
     if (scatter.defined() && batch >= count) {
       for (int64_t q = 0; q < count; ++q) {
         parts_.push_back({batch * q / count * L, batch * (q + 1) / count * L, scatter, 0});
@@ -591,7 +594,12 @@ void column_backward(const SamplingKernels& kernels, const Call& c, bool transpo
   if (col2im) grads.input = at::zeros(c.image_shape(), c.options);
   if (want.input && transposed) grads.input = at::empty({c.rows, c.p.grid_channels}, c.options);
   const int64_t panel = c.panel_rows(int64_t(columns) + int64_t(grad_columns));
-  const Parts parts(c, col2im ? grads.input : at::Tensor());
+  // Every part sums a whole weight gradient: a part should have the rows to amortise adding its
+  // sum (at least 64), and the sums together stay within the workspace limit.
+  const int64_t weight_bytes = w.numel() * int64_t(w.element_size());
+  const int64_t max_parts = want.weight ? std::min(c.rows / 64, workspace_limit() / std::max<int64_t>(weight_bytes, 1))
+                                        : std::numeric_limits<int64_t>::max();
+  const Parts parts(c, col2im ? grads.input : at::Tensor(), max_parts);
   std::vector<at::Tensor> weight_sums(parts.size());
   parts.run([&](int64_t index, const Part& part) {
     const at::Tensor column_buffer = columns ? c.column_buffer(panel) : at::Tensor();
