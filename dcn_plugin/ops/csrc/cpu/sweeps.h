@@ -263,6 +263,35 @@ void col2im(const Grid<N, T>& grid) {
   });
 }
 
+// One sample's channel vectors, N-linearly interpolated from their corners: each(j, lanes, value)
+// does the sweep's own work with a vector and returns the gradient vector it is dotted with; with
+// kCoordinates, those dot products (against the value and the slopes) are the sample's mask and
+// offset gradients.
+template <bool kCoordinates, int N, typename T, typename Each>
+C10_ALWAYS_INLINE void interpolate_sample(const Grid<N, T>& grid, int64_t r, int64_t k, const Corners<N, T>& c, const Segment& s,
+                        T m, const T* const* src, Each&& each) {
+  constexpr int kCorners = Grid<N, T>::kCorners;
+  Vec<T> frac[N];
+  for (int d = 0; d < N; ++d) frac[d] = Vec<T>(c.frac[d]);
+  Vec<T> grad_mask(T(0)), grad_position[N];
+  for (int d = 0; d < N; ++d) grad_position[d] = Vec<T>(T(0));
+  for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
+    Vec<T> x[kCorners], slope[N];
+    for (int q = 0; q < kCorners; ++q) x[q] = load(src[q] + j, lanes);
+    const Vec<T> value = interpolate<N, T>(x, frac, slope);
+    const Vec<T> gv = each(j, lanes, value);
+    if constexpr (kCoordinates) {
+      grad_mask = at::vec::fmadd(gv, value, grad_mask);
+      for (int d = 0; d < N; ++d) grad_position[d] = at::vec::fmadd(gv, slope[d], grad_position[d]);
+    }
+  });
+  if constexpr (kCoordinates) {
+    T slope_sums[N];
+    for (int d = 0; d < N; ++d) slope_sums[d] = sum(grad_position[d]);
+    grid.add_coordinate_gradients(r, k, s, m, sum(grad_mask), slope_sums);
+  }
+}
+
 // Offset and mask gradients against grad_columns; with kColumns also the columns, with kCol2im
 // also the scatter of grad_columns, from the same loads.
 template <int N, typename T, bool kColumns, bool kCol2im>
@@ -280,28 +309,17 @@ void gradients(const Grid<N, T>& grid) {
       grid.target_rows(i, c, s, trash.data(), dst);
       for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
     }
-    Vec<T> frac[N];
-    for (int d = 0; d < N; ++d) frac[d] = Vec<T>(c.frac[d]);
     const int64_t col = grid.column(r, k, s);
-    Vec<T> grad_mask(T(0)), grad_position[N];
-    for (int d = 0; d < N; ++d) grad_position[d] = Vec<T>(T(0));
-    for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
-      Vec<T> x[kCorners], slope[N];
-      for (int q = 0; q < kCorners; ++q) x[q] = load(src[q] + j, lanes);
-      const Vec<T> value = interpolate<N, T>(x, frac, slope);
+    interpolate_sample<true>(grid, r, k, c, s, m, src, [&](int64_t j, auto lanes, const Vec<T>& value) {
       const Vec<T> gv = load(grad_columns + col + j, lanes);
-      grad_mask = at::vec::fmadd(gv, value, grad_mask);
-      for (int d = 0; d < N; ++d) grad_position[d] = at::vec::fmadd(gv, slope[d], grad_position[d]);
       if constexpr (kColumns) store(value * Vec<T>(m), columns + col + j, lanes);
       if constexpr (kCol2im) {
         for (int q = 0; q < kCorners; ++q) {
           store(at::vec::fmadd(Vec<T>(w[q]), gv, load(dst[q] + j, lanes)), dst[q] + j, lanes);
         }
       }
+      return gv;
     });
-    T slope_sums[N];
-    for (int d = 0; d < N; ++d) slope_sums[d] = sum(grad_position[d]);
-    grid.add_coordinate_gradients(r, k, s, m, sum(grad_mask), slope_sums);
   });
 }
 
@@ -347,30 +365,15 @@ void depthwise_gradients(const Grid<N, T>& grid) {
   grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
     const T* src[kCorners];
     grid.source_rows(i, c, s, src);
-    Vec<T> frac[N];
-    for (int d = 0; d < N; ++d) frac[d] = Vec<T>(c.frac[d]);
     const T* wk = weight + k * grid.C + s.c0;
     const T* dr = dense + r * grid.C + s.c0;
     T* gw = grad_weight + k * grid.C + s.c0;
-    Vec<T> grad_mask(T(0)), grad_position[N];
-    for (int d = 0; d < N; ++d) grad_position[d] = Vec<T>(T(0));
-    for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
-      Vec<T> x[kCorners], slope[N];
-      for (int q = 0; q < kCorners; ++q) x[q] = load(src[q] + j, lanes);
-      const Vec<T> value = interpolate<N, T>(x, frac, slope);
+    interpolate_sample<kCoordinates>(grid, r, k, c, s, m, src, [&](int64_t j, auto lanes, const Vec<T>& value) {
       const Vec<T> dv = load(dr + j, lanes);
       store(at::vec::fmadd(dv, value * Vec<T>(m), load(gw + j, lanes)), gw + j, lanes);
-      if constexpr (kCoordinates) {
-        const Vec<T> gv = load(wk + j, lanes) * dv;
-        grad_mask = at::vec::fmadd(gv, value, grad_mask);
-        for (int d = 0; d < N; ++d) grad_position[d] = at::vec::fmadd(gv, slope[d], grad_position[d]);
-      }
+      if constexpr (kCoordinates) return load(wk + j, lanes) * dv;
+      return dv;  // unused
     });
-    if constexpr (kCoordinates) {
-      T slope_sums[N];
-      for (int d = 0; d < N; ++d) slope_sums[d] = sum(grad_position[d]);
-      grid.add_coordinate_gradients(r, k, s, m, sum(grad_mask), slope_sums);
-    }
   });
 }
 
