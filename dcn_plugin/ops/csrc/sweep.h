@@ -112,8 +112,8 @@ struct SamplingKernels {
   void (*transpose)(c10::ScalarType dtype, const void* src, void* dst, int64_t batch, int64_t rows, int64_t cols);
 };
 
-// Bytes of scratch memory the driver may use for one buffer (a thread's columns, a thread's
-// private copy of the images it scatters onto).
+// Bytes of scratch memory the driver may use for one kind of buffer (a thread's columns, the
+// threads' private copies of the images they scatter onto, their weight-gradient sums).
 int64_t workspace_limit();
 
 }  // namespace dcn_plugin
