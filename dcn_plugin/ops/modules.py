@@ -244,9 +244,9 @@ def upgrade_version1_offset_keys(state_dict, prefix: str, local_metadata: dict) 
     ``<layer>_offset.{weight,bias}`` instead of ``<layer>.conv_offset.{weight,bias}``. Call from
     ``_load_from_state_dict`` with its arguments; renames those keys in place where the layer's
     metadata says version < 2 (or none) and the new key is absent. It only fires when the loader
-    hands the layer the whole state_dict (mmengine's ``load_state_dict``); torch's
-    ``Module.load_state_dict`` hands each child only the keys under its prefix (for which see
-    ``dcn_plugin.layers.upgrade_dcn_state_dict``).
+    hands the layer keys outside its prefix, which neither torch's ``Module.load_state_dict`` nor
+    mmengine 0.10's ``load_state_dict`` does (each child sees only the keys under its prefix), as
+    with mmcv's layers; for those loaders see ``dcn_plugin.layers.upgrade_dcn_state_dict``.
     """
     version = local_metadata.get("version", None)
     if (version is None or version < 2) and prefix:
