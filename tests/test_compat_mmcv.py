@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import inspect
 import io
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -542,9 +545,6 @@ def test_unknown_keyword_names_class_and_keyword(name):
 
 def test_any_batch_size_and_no_mmengine_import():
     """``im2col_step`` has no effect on the result; the module imports without mmengine."""
-    import subprocess
-    import sys
-
     conv = compat.DeformConv2d(2, 2, 3, padding=1, im2col_step=4)
     x, offset = torch.randn(7, 2, 5, 5), torch.randn(7, 18, 5, 5)
     reference = compat.DeformConv2d(2, 2, 3, padding=1, im2col_step=64)
@@ -552,5 +552,6 @@ def test_any_batch_size_and_no_mmengine_import():
     torch.testing.assert_close(conv(x, offset), reference(x, offset))
     script = ("import sys; sys.modules['mmengine'] = None; sys.modules['mmcv'] = None; "
               "import dcn_plugin.compat.mmcv as m; print(m.DeformConv2dPack.__name__)")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "DeformConv2dPack", proc.stderr
