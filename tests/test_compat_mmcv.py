@@ -553,5 +553,6 @@ def test_any_batch_size_and_no_mmengine_import():
     script = ("import sys; sys.modules['mmengine'] = None; sys.modules['mmcv'] = None; "
               "import dcn_plugin.compat.mmcv as m; print(m.DeformConv2dPack.__name__)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "DeformConv2dPack", proc.stderr
