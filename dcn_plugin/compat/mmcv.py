@@ -13,13 +13,13 @@ the Pack classes' ``_version = 2`` and the renaming of version-1 keys on load, `
 order, so a seed gives mmcv's initial weights), the offset-dtype casting of mixed-precision inputs,
 and the outputs.
 
-Different, because nothing here needs mmcv's compiled kernels: the backward runs on the CPU (mmcv
-2.1 has CPU kernels for these two convolutions; its ``deform_roi_pool`` is CUDA-only), bfloat16 and
-float16 work on every device, any batch size works (``im2col_step`` is accepted and has no effect,
-so mmcv's "batch size must be divisible by im2col_step" assertion never fires), input smaller than
-the kernel needs no padding trick (the output is the same), and wrong offset or mask channel counts
-raise a ``RuntimeError`` naming the argument. ``DeformConv2d`` has ``bias = None`` (as
-``nn.Conv2d(bias=False)``) where mmcv's has no ``bias`` attribute.
+Different: nothing to compile; bfloat16 works (mmcv 2.1's kernels take float16, float32 and
+float64); the RoI pooling runs on the CPU too (mmcv's ``deform_roi_pool`` is CUDA-only; its two
+convolutions have CPU kernels); any batch size works (``im2col_step`` is accepted and has no
+effect, so mmcv's "batch size must be divisible by im2col_step" assertion never fires); an input
+smaller than the kernel needs no padding trick (the output is the same); wrong offset or mask
+channel counts raise a ``RuntimeError`` naming the argument. ``DeformConv2d`` has ``bias = None``
+(as ``nn.Conv2d(bias=False)``) where mmcv's has no ``bias`` attribute.
 
 Shapes: input ``(B, C_in, H, W)``; offset ``(B, 2 * deform_groups * kh * kw, H_out, W_out)``, per
 kernel point (row-major) ``(dy, dx)``; mask ``(B, deform_groups * kh * kw, H_out, W_out)``.
