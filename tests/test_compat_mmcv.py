@@ -301,10 +301,8 @@ def _external_inputs(name, layer, x, generator):
     if name.endswith("Pack"):
         return ()
     k = layer.kernel_size[0] * layer.kernel_size[1]
-    probe = nn.functional.conv2d(x, torch.zeros(1, x.shape[1] // layer.groups, *layer.kernel_size,
-                                                dtype=x.dtype),
-                                 None, layer.stride, layer.padding, layer.dilation, layer.groups)
-    grid = probe.shape[-2:]
+    grid = nn.functional.conv2d(x, layer.weight.detach(), None, layer.stride, layer.padding, layer.dilation,
+                                layer.groups).shape[-2:]
     offset = 2 * torch.randn(x.shape[0], 2 * layer.deform_groups * k, *grid, generator=generator,
                              dtype=x.dtype)
     if name.startswith("Modulated"):
@@ -556,3 +554,83 @@ def test_any_batch_size_and_no_mmengine_import():
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "DeformConv2dPack", proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# mmdetection's own code, unchanged but for the one name (needs mmdetection 3.x beside mmcv-full)
+
+
+@pytest.fixture
+def mmdet_modules(mmcv_ops):
+    try:
+        from mmdet.models.dense_heads import tood_head
+        from mmdet.models.necks import dyhead
+    except Exception as exc:  # noqa: BLE001 - any failure to import mmdet means: not here
+        pytest.skip(f"needs mmdetection 3.3.0 beside mmcv-full ({exc}); the venv that "
+                    "`bash ../shared/tools/mmcv-full-env.sh` builds has both")
+    return tood_head, dyhead
+
+
+def test_mmdet_tood_deform_sampling(mmdet_modules, monkeypatch):
+    """TOOD's ``deform_sampling`` calls ``deform_conv2d(feat, offset, weight, 1, 0, 1, c, c)``."""
+    tood_head, _ = mmdet_modules
+    g = torch.Generator().manual_seed(5)
+    feat = torch.randn(2, 4, 6, 7, generator=g, dtype=torch.float64)
+    offset = 3 * torch.randn(2, 2 * 4, 6, 7, generator=g, dtype=torch.float64)
+    theirs = tood_head.TOODHead.deform_sampling(None, feat, offset)
+    monkeypatch.setattr(tood_head, "deform_conv2d", compat.deform_conv2d)
+    torch.testing.assert_close(tood_head.TOODHead.deform_sampling(None, feat, offset), theirs, **TOL)
+
+
+def test_mmdet_dyhead(mmdet_modules, monkeypatch):
+    """DyHead's ``DyDCNv2`` builds ``ModulatedDeformConv2d(in, out, 3, stride=stride, padding=1,
+    bias=bias)`` and calls it as ``conv(x, offset, mask)`` before a GroupNorm: same output and
+    gradients (input, offset, mask, every parameter) from the same state_dict. The whole DyHead (one
+    level) gives the same output and input gradient.
+
+    (In the whole DyHead with mmcv's op, the gradients of three *other* layers' biases -- the
+    GroupNorm's, the scale attention's and DyReLU's first convolution's -- differ from ours, while
+    every weight gradient agrees; ours equal plain PyTorch autograd run on the same features without
+    any deformable op, so those are not compared here.)
+
+    With more than one level, mmdet 3.3.0's DyHead hands ``spatial_conv_high`` the offset of the
+    level below, twice the output's size. mmcv's kernel does not check the offset's shape and reads
+    its memory as if it had the output's size (a silent wrong answer); here that raises, naming the
+    shapes. (mmdetection's later code slices the offset to the output's size.)"""
+    _, dyhead = mmdet_modules
+    g = torch.Generator().manual_seed(6)
+    theirs_head = dyhead.DyHead(16, 16, num_blocks=1, zero_init_offset=False).double()
+    theirs = dyhead.DyDCNv2(16, 16, stride=2).double()
+    monkeypatch.setattr(dyhead, "ModulatedDeformConv2d", compat.ModulatedDeformConv2d)
+    ours_head = dyhead.DyHead(16, 16, num_blocks=1, zero_init_offset=False).double()
+    ours = dyhead.DyDCNv2(16, 16, stride=2).double()
+    assert isinstance(ours.conv, compat.ModulatedDeformConv2d)
+    with torch.no_grad():
+        theirs_head.dyhead_blocks[0].spatial_conv_offset.weight.normal_(0, 0.1, generator=g)
+        for p in theirs.parameters():
+            p.normal_(0, 0.3, generator=g)
+    ours_head.load_state_dict(theirs_head.state_dict(), strict=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+
+    x = torch.randn(2, 16, 12, 12, generator=g, dtype=torch.float64)
+    offset = 2 * torch.randn(2, 18, 6, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 9, 6, 6, generator=g, dtype=torch.float64)
+    extra = (offset, mask)
+    (out, grads_in, grads), (out_e, grads_in_e, grads_e) = _run(ours, x, extra), _run(theirs, x, extra)
+    torch.testing.assert_close(out, out_e, **TOL)
+    for a, e in zip(grads_in, grads_in_e):
+        torch.testing.assert_close(a, e, **TOL)
+    assert grads.keys() == grads_e.keys()
+    for key in grads_e:
+        torch.testing.assert_close(grads[key], grads_e[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
+
+    results = []
+    for model in (ours_head, theirs_head):
+        level = x.clone().requires_grad_()
+        (out,) = model([level])
+        out.square().sum().backward()
+        results.append((out, level.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-8, atol=1e-9)
+    with pytest.raises(RuntimeError, match=r"offset has spatial shape \[12, 12\] but the grid .* \[6, 6\]"):
+        ours_head([x, torch.randn(2, 16, 6, 6, dtype=torch.float64)])
