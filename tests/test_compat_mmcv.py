@@ -563,17 +563,17 @@ def test_any_batch_size_and_no_mmengine_import():
 @pytest.fixture
 def mmdet_modules(mmcv_ops):
     try:
-        from mmdet.models.dense_heads import tood_head
+        from mmdet.models.dense_heads import fovea_head, guided_anchor_head, tood_head
         from mmdet.models.necks import dyhead
     except Exception as exc:  # noqa: BLE001 - any failure to import mmdet means: not here
         pytest.skip(f"needs mmdetection 3.3.0 beside mmcv-full ({exc}); the venv that "
                     "`bash ../shared/tools/mmcv-full-env.sh` builds has both")
-    return tood_head, dyhead
+    return tood_head, dyhead, fovea_head, guided_anchor_head
 
 
 def test_mmdet_tood_deform_sampling(mmdet_modules, monkeypatch):
     """TOOD's ``deform_sampling`` calls ``deform_conv2d(feat, offset, weight, 1, 0, 1, c, c)``."""
-    tood_head, _ = mmdet_modules
+    tood_head = mmdet_modules[0]
     g = torch.Generator().manual_seed(5)
     feat = torch.randn(2, 4, 6, 7, generator=g, dtype=torch.float64)
     offset = 3 * torch.randn(2, 2 * 4, 6, 7, generator=g, dtype=torch.float64)
@@ -595,7 +595,7 @@ def test_mmdet_dyhead(mmdet_modules, monkeypatch):
     level below, twice the output's size. mmcv's kernel does not check the offset's shape and reads
     its memory as if it had the output's size (a silent wrong answer); here that raises, naming the
     shapes. (mmdetection's later code slices the offset to the output's size.)"""
-    _, dyhead = mmdet_modules
+    dyhead = mmdet_modules[1]
     theirs = dyhead.DyHead(16, 16, num_blocks=1, zero_init_offset=False).double()
     monkeypatch.setattr(dyhead, "ModulatedDeformConv2d", compat.ModulatedDeformConv2d)
     ours = dyhead.DyHead(16, 16, num_blocks=1, zero_init_offset=False).double()
@@ -621,3 +621,32 @@ def test_mmdet_dyhead(mmdet_modules, monkeypatch):
         torch.testing.assert_close(grads[key], grads_e[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
     with pytest.raises(RuntimeError, match=r"offset has spatial shape \[12, 12\] but the grid .* \[6, 6\]"):
         ours([x, torch.randn(2, 16, 6, 6, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("module_index,name,shape_channels",
+                         [(2, "FeatureAlign", 4), (3, "FeatureAdaption", 2)])
+def test_mmdet_feature_adaption(mmdet_modules, monkeypatch, module_index, name, shape_channels):
+    """FoveaBox's ``FeatureAlign`` and Guided Anchoring's ``FeatureAdaption`` build
+    ``DeformConv2d(in, out, kernel_size=k, padding=(k - 1) // 2, deform_groups=4)``, initialise it
+    through mmengine's ``init_cfg`` (``Normal`` overriding ``conv_adaption``) and call it as
+    ``conv(x, offset)``: the same initialisation, outputs and gradients as with mmcv-full."""
+    module = mmdet_modules[module_index]
+    theirs = getattr(module, name)(8, 8, kernel_size=3, deform_groups=4)
+    monkeypatch.setattr(module, "DeformConv2d", compat.DeformConv2d)
+    ours = getattr(module, name)(8, 8, kernel_size=3, deform_groups=4)
+    assert type(ours.conv_adaption) is compat.DeformConv2d
+    for model in (ours, theirs):
+        torch.manual_seed(0)
+        model.init_weights()
+    for key, value in theirs.state_dict().items():  # the same draws, through mmengine's initialisers
+        assert torch.equal(ours.state_dict()[key], value), key
+    assert 0.005 < ours.conv_adaption.weight.std() < 0.02  # Normal(std=0.01) reached our layer
+    ours, theirs = ours.double(), theirs.double()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 8, 7, 6, generator=g, dtype=torch.float64)
+    shape = 3 * torch.randn(2, shape_channels, 7, 6, generator=g, dtype=torch.float64)
+    (out, grads_in, grads), (out_e, grads_in_e, grads_e) = _run(ours, x, (shape,)), _run(theirs, x, (shape,))
+    torch.testing.assert_close(out, out_e, **TOL)
+    torch.testing.assert_close(grads_in[0], grads_in_e[0], **TOL)
+    for key in grads_e:
+        torch.testing.assert_close(grads[key], grads_e[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
