@@ -4,6 +4,8 @@
 - ``dcn_plugin.layers``: the config-facing DCN family in mmengine's registries; needs mmengine.
   Importing ``dcn_plugin`` (e.g. ``custom_imports=dict(imports=['dcn_plugin'])``) registers them
   where mmengine is installed.
+- ``dcn_plugin.compat.mmcv``, ``dcn_plugin.compat.detectron2``: drop-in replacements for
+  ``mmcv.ops``' and ``detectron2.layers``' deformable layers; need torch only; imported on demand.
 - ``dcn_plugin.models``, ``datasets``, ``evaluation``: the detector; need the ``mmlab`` extra
   (mmcv-lite or mmcv-full, OpenCV, pycocotools) and are imported on demand.
 

@@ -34,6 +34,7 @@ from ..ops.modules import (
     DeformConvTranspose3d,
     check_groups,
     make_mask_activation,
+    upgrade_version1_offset_keys,
 )
 
 __all__ = [
@@ -157,16 +158,9 @@ class _DCNMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
-        # mmcv's upgrade of version-1 keys ``<name>_offset.*``. It only fires when the loader hands
-        # this layer the whole state_dict (mmengine's ``load_state_dict``/``load_checkpoint``);
-        # torch's ``Module.load_state_dict`` hands each child only the keys under its prefix, for
-        # which see ``upgrade_dcn_state_dict`` / ``register_dcn_upgrade_hook``.
-        version = local_metadata.get("version", None)
-        if (version is None or version < 2) and prefix:
-            for suffix in ("weight", "bias"):
-                old, new = f"{prefix[:-1]}_offset.{suffix}", f"{prefix}conv_offset.{suffix}"
-                if new not in state_dict and old in state_dict:
-                    state_dict[new] = state_dict.pop(old)
+        # mmcv's upgrade of version-1 keys ``<name>_offset.*``; for torch's ``Module.load_state_dict``
+        # see ``upgrade_dcn_state_dict`` / ``register_dcn_upgrade_hook``.
+        upgrade_version1_offset_keys(state_dict, prefix, local_metadata)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -237,6 +237,25 @@ def check_groups(value, name: str, channels: int, channels_name: str, owner: str
     return value
 
 
+def upgrade_version1_offset_keys(state_dict, prefix: str, local_metadata: dict) -> None:
+    """mmcv's in-layer checkpoint upgrade, for a layer whose offset generator is ``conv_offset``.
+
+    In version-1 checkpoints (mmcv's early DCN layers) the generator sat beside the layer:
+    ``<layer>_offset.{weight,bias}`` instead of ``<layer>.conv_offset.{weight,bias}``. Call from
+    ``_load_from_state_dict`` with its arguments; renames those keys in place where the layer's
+    metadata says version < 2 (or none) and the new key is absent. It only fires when the loader
+    hands the layer keys outside its prefix, which neither torch's ``Module.load_state_dict`` nor
+    mmengine 0.10's ``load_state_dict`` does (each child sees only the keys under its prefix), as
+    with mmcv's layers; for those loaders see ``dcn_plugin.layers.upgrade_dcn_state_dict``.
+    """
+    version = local_metadata.get("version", None)
+    if (version is None or version < 2) and prefix:
+        for suffix in ("weight", "bias"):
+            old, new = f"{prefix[:-1]}_offset.{suffix}", f"{prefix}conv_offset.{suffix}"
+            if new not in state_dict and old in state_dict:
+                state_dict[new] = state_dict.pop(old)
+
+
 def make_mask_activation(spec: Activation, kernel_size: Tuple[int, ...], owner: str) -> Optional[nn.Module]:
     """``'sigmoid'`` (DCNv2), ``'softmax'`` (DCNv3, over the K kernel points), None or a module."""
     if spec is None or isinstance(spec, nn.Module):
