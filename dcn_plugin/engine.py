@@ -7,6 +7,10 @@ launcher).
 predicts as many classes as the dataset has (a head with fewer classes silently trains the rest
 as background).
 
+``CheckpointHook``: mmengine's, without the two deprecation warnings (``FileClient``,
+``HardDiskBackend``) of the file client that mmengine 0.10's hook builds at the start of every
+run and never uses when ``file_client_args`` is not set.
+
 ``setup_cpu_distributed``: distributed runs on machines without GPUs (torchrun + gloo).
 
 ``CPUAutocastOptimWrapper``: ``--amp`` on a machine without a GPU (mmengine's ``AmpOptimWrapper``
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import os.path as osp
 from collections.abc import Iterator
@@ -34,12 +39,15 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from mmengine.config import Config, DictAction
+from mmengine.hooks import CheckpointHook as MMEngineCheckpointHook
 from mmengine.hooks import Hook
 from mmengine.optim import OptimWrapper
 from mmengine.registry import HOOKS, OPTIM_WRAPPERS
 
-__all__ = ["CPUAutocastOptimWrapper", "NumClassCheckHook", "add_run_arguments", "load_config",
-           "mmengine_checkpoint_globals", "mmengine_safe_loading", "setup_cpu_distributed",
+from .registry import HOOKS as SCOPE_HOOKS
+
+__all__ = ["CheckpointHook", "CPUAutocastOptimWrapper", "NumClassCheckHook", "add_run_arguments",
+           "load_config", "mmengine_checkpoint_globals", "mmengine_safe_loading", "setup_cpu_distributed",
            "shutdown_distributed"]
 
 
@@ -98,6 +106,49 @@ class NumClassCheckHook(Hook):
 
     def before_test(self, runner) -> None:
         self._check(runner, "test")
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes) -> None:
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@SCOPE_HOOKS.register_module(name="CheckpointHook")
+class CheckpointHook(MMEngineCheckpointHook):
+    """mmengine's ``CheckpointHook``, less the warnings of the file clients that mmengine 0.10 builds
+    and does not use (at the start of training and at every save) when ``file_client_args`` is unset."""
+
+    UNUSED_CLIENT_WARNINGS = ('"FileClient" will be deprecated', '"HardDiskBackend" is the alias')
+
+    @contextlib.contextmanager
+    def _quiet(self, runner):
+        if self.file_client_args is not None:  # the client is used: let mmengine warn
+            yield
+            return
+        quiet = _DropMessages(self.UNUSED_CLIENT_WARNINGS)
+        runner.logger.addFilter(quiet)
+        try:
+            yield
+        finally:
+            runner.logger.removeFilter(quiet)
+
+    def before_train(self, runner) -> None:
+        with self._quiet(runner):
+            super().before_train(runner)
+
+    def _save_checkpoint(self, runner) -> None:
+        with self._quiet(runner):
+            super()._save_checkpoint(runner)
+
+    def _save_best_checkpoint(self, runner, metrics) -> None:
+        with self._quiet(runner):
+            super()._save_best_checkpoint(runner, metrics)
 
 
 @OPTIM_WRAPPERS.register_module()

@@ -13,13 +13,15 @@ from ._extras import DETECTOR_MODULES, installed, require
 
 require("dcn_plugin.registry", ["mmengine"])
 
-from mmengine.registry import DATASETS as MMENGINE_DATASETS  # noqa: E402
-from mmengine.registry import METRICS as MMENGINE_METRICS  # noqa: E402
-from mmengine.registry import MODELS as MMENGINE_MODELS  # noqa: E402
-from mmengine.registry import TRANSFORMS as MMENGINE_TRANSFORMS  # noqa: E402
+from mmengine import registry as _root  # noqa: E402
 from mmengine.registry import Registry  # noqa: E402
 
-__all__ = ["MODELS", "DATASETS", "TRANSFORMS", "METRICS"]
+__all__ = [
+    "RUNNERS", "RUNNER_CONSTRUCTORS", "LOOPS", "HOOKS", "STRATEGIES", "DATASETS", "DATA_SAMPLERS",
+    "TRANSFORMS", "MODELS", "MODEL_WRAPPERS", "WEIGHT_INITIALIZERS", "OPTIMIZERS", "OPTIM_WRAPPERS",
+    "OPTIM_WRAPPER_CONSTRUCTORS", "PARAM_SCHEDULERS", "METRICS", "EVALUATOR", "TASK_UTILS",
+    "VISUALIZERS", "VISBACKENDS", "LOG_PROCESSORS", "INFERENCERS", "FUNCTIONS",
+]
 
 # The detector's models need the mmlab extra; without it the scope still serves the layers (mmengine
 # would fail on a location it cannot import).
@@ -27,14 +29,35 @@ _MODEL_LOCATIONS = ["dcn_plugin.layers"]
 if all(installed(m) for m in DETECTOR_MODULES):
     _MODEL_LOCATIONS.append("dcn_plugin.models")
 
-MODELS = Registry("model", parent=MMENGINE_MODELS, scope="dcn_plugin", locations=_MODEL_LOCATIONS)
-# Transforms live in the datasets package.
-DATASETS = Registry(
-    "dataset", parent=MMENGINE_DATASETS, scope="dcn_plugin", locations=["dcn_plugin.datasets"]
-)
-TRANSFORMS = Registry(
-    "transform", parent=MMENGINE_TRANSFORMS, scope="dcn_plugin", locations=["dcn_plugin.datasets"]
-)
-METRICS = Registry(
-    "metric", parent=MMENGINE_METRICS, scope="dcn_plugin", locations=["dcn_plugin.evaluation"]
-)
+
+def _child(name: str, root: Registry, locations=()) -> Registry:
+    return Registry(name, parent=root, scope="dcn_plugin", locations=list(locations))
+
+
+# One child of each of mmengine's root registries, as mmdetection's registry module has: with
+# ``default_scope='dcn_plugin'`` the runner looks each of them up in this scope, and finds mmengine's
+# hooks, loops, optimizers... through the parent.
+RUNNERS = _child("runner", _root.RUNNERS)
+RUNNER_CONSTRUCTORS = _child("runner constructor", _root.RUNNER_CONSTRUCTORS)
+LOOPS = _child("loop", _root.LOOPS)
+HOOKS = _child("hook", _root.HOOKS)
+STRATEGIES = _child("strategy", _root.STRATEGIES)
+DATASETS = _child("dataset", _root.DATASETS, ["dcn_plugin.datasets"])
+DATA_SAMPLERS = _child("data sampler", _root.DATA_SAMPLERS)
+TRANSFORMS = _child("transform", _root.TRANSFORMS, ["dcn_plugin.datasets"])  # transforms live there
+MODELS = _child("model", _root.MODELS, _MODEL_LOCATIONS)
+MODEL_WRAPPERS = _child("model_wrapper", _root.MODEL_WRAPPERS)
+WEIGHT_INITIALIZERS = _child("weight initializer", _root.WEIGHT_INITIALIZERS)
+OPTIMIZERS = _child("optimizer", _root.OPTIMIZERS)
+OPTIM_WRAPPERS = _child("optim_wrapper", _root.OPTIM_WRAPPERS)
+OPTIM_WRAPPER_CONSTRUCTORS = _child("optimizer wrapper constructor", _root.OPTIM_WRAPPER_CONSTRUCTORS,
+                                    ["dcn_plugin.layers"])
+PARAM_SCHEDULERS = _child("parameter scheduler", _root.PARAM_SCHEDULERS)
+METRICS = _child("metric", _root.METRICS, ["dcn_plugin.evaluation"])
+EVALUATOR = _child("evaluator", _root.EVALUATOR)
+TASK_UTILS = _child("task util", _root.TASK_UTILS)
+VISUALIZERS = _child("visualizer", _root.VISUALIZERS)
+VISBACKENDS = _child("vis_backend", _root.VISBACKENDS)
+LOG_PROCESSORS = _child("log_processor", _root.LOG_PROCESSORS)
+INFERENCERS = _child("inferencer", _root.INFERENCERS)
+FUNCTIONS = _child("function", _root.FUNCTIONS)

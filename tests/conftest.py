@@ -79,23 +79,19 @@ def triton_device(request) -> str:
 
 
 class triton_kernels_on_cpu:
-    """Registers the Triton drivers as the CPU kernels of the ops (the convolution's and the RoI
-    pooling ones), over the C++ ones, until exit."""
-
-    OPS = ("deform_conv", "deform_roi_pool", "deform_psroi_pool")
+    """Registers the ops' CUDA kernels (the Triton drivers, as registered in ``_library``) as their
+    CPU kernels (the convolution's and the RoI pooling ones), over the C++ ones, until exit."""
 
     def __enter__(self):
         import warnings
 
-        from dcn_plugin.ops.triton import driver, roi_pool
+        from dcn_plugin.ops._library import TRITON_KERNELS
 
-        drivers = {"deform_conv": driver, "deform_roi_pool": roi_pool, "deform_psroi_pool": roi_pool}
         self.library = torch.library.Library("dcn_plugin", "IMPL")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Oo]verrid")
-            for op in self.OPS:
-                for name in (op, f"{op}_backward"):
-                    self.library.impl(name, getattr(drivers[op], name), "CPU")
+            for name, kernel in TRITON_KERNELS.items():
+                self.library.impl(name, kernel, "CPU")
         return self
 
     def __exit__(self, *exc):

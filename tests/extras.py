@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+# Not installed by tools/setup.sh: the real mmcv-full and mmdetection, in a venv of their own.
+_MMCV_FULL_ENV = {
+    "mmcv.ops": "mmcv-full 2.1.0 (compiled)",
+    "mmdet": "mmdetection 3.3.0 beside mmcv-full",
+}
+
 _INSTALL = {
     "mmengine": "pip install mmengine",
     "mmcv": "pip install mmcv-lite (the mmlab extra)",
@@ -16,12 +22,17 @@ _INSTALL = {
 
 
 def require(*modules: str) -> None:
-    """``pytest.importorskip`` each module, with a reason naming what to install (tools/setup.sh
-    installs all of them)."""
+    """``pytest.importorskip`` each module, with a reason naming what to install: tools/setup.sh
+    installs all of them but mmcv-full and mmdetection, which need a venv of their own."""
     for module in modules:
         top = module.split(".")[0]
-        how = _INSTALL.get(top, f"pip install {top}")
-        pytest.importorskip(module, reason=f"needs {module}: {how}, or run tools/setup.sh")
+        if module in _MMCV_FULL_ENV or top in _MMCV_FULL_ENV:
+            what = _MMCV_FULL_ENV.get(module, _MMCV_FULL_ENV.get(top))
+            reason = (f"needs {what}: `bash ../shared/tools/mmcv-full-env.sh` makes a venv with it, then run "
+                      "the tests with that venv's python")
+        else:
+            reason = f"needs {module}: {_INSTALL.get(top, f'pip install {top}')}, or run tools/setup.sh"
+        pytest.importorskip(module, reason=reason)
 
 
 def require_detector() -> None:

@@ -401,3 +401,47 @@ def test_reset_parameters_and_init_weights_zero_the_generator(name):
         getattr(layer, reset)()
         assert not layer.conv_offset.weight.any() and not layer.conv_offset.bias.any(), reset
         assert reset == "reset_parameters" or torch.equal(layer.weight, weight)  # init_weights keeps it
+
+
+# ---- mmcv's legacy and ignored constructor arguments ---------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_legacy_deformable_groups_as_mmcv(name):
+    """mmcv's ``deformable_groups``: mmcv's DeprecationWarning, the meaning of ``deform_groups``."""
+    with pytest.warns(DeprecationWarning, match=f'"deformable_groups" is deprecated in `{name}.__init__`, '
+                                                'please use "deform_groups" instead'):
+        legacy = LAYERS[name](4, 4, 3, padding=1, deformable_groups=2)
+    current = LAYERS[name](4, 4, 3, padding=1, deform_groups=2)
+    assert legacy.deform_groups == current.deform_groups == 2
+    assert {k: v.shape for k, v in legacy.state_dict().items()} == \
+        {k: v.shape for k, v in current.state_dict().items()}
+    with pytest.raises(TypeError, match=f"{name}: got deform_groups=2 and its legacy name deformable_groups"):
+        LAYERS[name](4, 4, 3, deform_groups=2, deformable_groups=2)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_unknown_keyword_names_the_layer_and_the_keyword(name):
+    message = rf"{name}\.__init__\(\) got an unexpected keyword argument 'deform_group'"
+    with pytest.raises(TypeError, match=message):
+        LAYERS[name](4, 4, 3, deform_group=2)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_im2col_step_is_accepted_and_has_no_effect(name):
+    torch.manual_seed(0)
+    plain = LAYERS[name](4, 4, 3, padding=1).double()
+    stepped = LAYERS[name](4, 4, 3, 1, 1, 1, 1, 1, None, 64).double()  # positional, as mmcv orders them
+    _randomise_generators(plain)
+    stepped.load_state_dict(plain.state_dict())
+    x = _input(name)
+    torch.testing.assert_close(stepped(x), plain(x), rtol=0, atol=0)
+
+
+def test_mmdetection_legacy_configs_build_through_conv_module():
+    """tood's and solov2's configs pass ``deformable_groups=1`` in ``conv_cfg``/``dcn``."""
+    with pytest.warns(DeprecationWarning, match="deformable_groups"):
+        module = ConvModule(4, 8, 3, padding=1, conv_cfg=dict(type="DCNv2", deformable_groups=1),
+                            norm_cfg=dict(type="GN", num_groups=4))
+    assert isinstance(module.conv, layers.DCNv2) and module.conv.deform_groups == 1
+    module(torch.randn(1, 4, 6, 6)).sum().backward()

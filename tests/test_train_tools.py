@@ -51,6 +51,10 @@ def test_train_then_resume_matches_uninterrupted_run(tmp_path):
     full = tmp_path / "full"
     log = train(full, tmp_path, options=NO_FLIP)
     assert "Iter(train) [4/4]" in log and "coco/bbox_mAP" in log
+    # No registry warning (the scope defines every child registry mmengine looks up) and no
+    # deprecation warning (from our code, configs, or the file clients mmengine builds unused).
+    warnings = [line for line in log.splitlines() if "WARNING" in line or "Warning:" in line]
+    assert not warnings, "\n".join(warnings)
     assert (full / "iter_2.pth").exists() and (full / "iter_4.pth").exists()
 
     # A run killed after its iter-2 checkpoint: the work dir holds that checkpoint and points at it.

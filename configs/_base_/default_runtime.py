@@ -5,7 +5,8 @@ default_hooks = dict(
     timer=dict(type="IterTimerHook"),
     logger=dict(type="LoggerHook", interval=50),
     param_scheduler=dict(type="ParamSchedulerHook"),
-    checkpoint=dict(type="CheckpointHook", interval=1),
+    # mmengine's, without the warnings of an unused file client (dcn_plugin.engine)
+    checkpoint=dict(type="dcn_plugin.CheckpointHook", interval=1),
     sampler_seed=dict(type="DistSamplerSeedHook"),
 )
 

@@ -14,6 +14,9 @@ registers:
   have mmcv's and R-FCN's arguments; mmcv 2.x registers its RoI pooling modules nowhere, and
   mmdetection's RoI extractors look ``roi_layer`` types up in ``mmcv.ops`` by name).
 
+It also registers ``DCNOptimWrapperConstructor`` (``paramwise_cfg=dict(dcn_offset_lr_mult=...)``
+for these layers; see ``dcn_plugin.layers.optim``).
+
 mmcv-full registers ``DCN`` and ``DCNv2`` in the root registry too, and registering a taken name
 raises ``KeyError``. So that the import order does not matter, mmcv-full's ops (``mmcv.ops``) are
 imported first where they can be (with mmcv-lite the import fails and is skipped), and then the
@@ -53,6 +56,7 @@ from .dcn import (  # noqa: E402
     DCNv3,
     DeformGenerator,
 )
+from .optim import DCNOptimWrapperConstructor  # noqa: E402
 from .upgrade import register_dcn_upgrade_hook, upgrade_dcn_state_dict  # noqa: E402
 
 __all__ = [
@@ -65,6 +69,7 @@ __all__ = [
     "DCNTranspose2d",
     "DCNTranspose3d",
     "DeformGenerator",
+    "DCNOptimWrapperConstructor",
     "LAYERS",
     "ROI_LAYERS",
     "upgrade_dcn_state_dict",

@@ -18,6 +18,7 @@ unchanged (keys ``weight``, ``bias``, ``conv_offset.weight``, ``conv_offset.bias
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -84,6 +85,22 @@ class DeformGenerator(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}")
+
+
+def _legacy_keywords(layer: str, deform_groups: Optional[int], keywords: dict) -> int:
+    """``deform_groups`` after mmcv's legacy keyword ``deformable_groups`` (same meaning, with mmcv's
+    deprecation warning); any other keyword left in ``keywords`` is an error naming the layer."""
+    if "deformable_groups" in keywords:
+        legacy = keywords.pop("deformable_groups")
+        if deform_groups is not None:
+            raise TypeError(f"{layer}: got deform_groups={deform_groups} and its legacy name "
+                            f"deformable_groups={legacy}; pass deform_groups only")
+        warnings.warn(f'"deformable_groups" is deprecated in `{layer}.__init__`, please use "deform_groups" '
+                      "instead", DeprecationWarning, stacklevel=3)
+        deform_groups = legacy
+    if keywords:
+        raise TypeError(f"{layer}.__init__() got an unexpected keyword argument {next(iter(keywords))!r}")
+    return 1 if deform_groups is None else deform_groups
 
 
 class _DCNMixin:
@@ -161,10 +178,12 @@ class _DCNConv(_DCNMixin):
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as ``nn.Conv{N}d``.
-        deform_groups: groups of input channels sharing an offset (mmcv's name).
+        deform_groups: groups of input channels sharing an offset (mmcv's name; default 1). mmcv's
+            legacy ``deformable_groups`` is accepted with mmcv's deprecation warning.
         bias: None (default) means mmcv's default: True when modulated (``ModulatedDeformConv2d``),
             False otherwise (``DeformConv2d``). ``bias=True`` works for every layer.
-        im2col_step: accepted for mmcv compatibility and ignored.
+        im2col_step: accepted for mmcv compatibility; it has no effect (the kernels bound their
+            scratch memory themselves, see ``dcn_plugin.ops.set_workspace_limit``).
         mask_groups: groups of input channels sharing a mask; defaults to ``deform_groups``.
         modulated: generate a mask too (DCNv2/DCNv3).
         mask_activation: ``'sigmoid'`` (DCNv2), ``'softmax'`` (DCNv3: over the K kernel points of
@@ -179,9 +198,11 @@ class _DCNConv(_DCNMixin):
     _default_mask_activation = "sigmoid"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, deform_groups: int = 1, bias: Optional[bool] = None, im2col_step=None, *,
-                 mask_groups: Optional[int] = None, modulated: Optional[bool] = None,
-                 mask_activation="default", padding_mode: str = "zeros", device=None, dtype=None) -> None:
+                 groups: int = 1, deform_groups: Optional[int] = None, bias: Optional[bool] = None,
+                 im2col_step=None, *, mask_groups: Optional[int] = None, modulated: Optional[bool] = None,
+                 mask_activation="default", padding_mode: str = "zeros", device=None, dtype=None,
+                 **legacy) -> None:
+        deform_groups = _legacy_keywords(type(self).__name__, deform_groups, legacy)
         modulated = self._default_modulated if modulated is None else bool(modulated)
         if isinstance(mask_activation, str) and mask_activation == "default":
             mask_activation = self._default_mask_activation
@@ -199,16 +220,19 @@ class _DCNConv(_DCNMixin):
 
 
 class _DCNConvTranspose(_DCNMixin):
-    """Transposed layers; arguments as :class:`_DCNConv` plus keyword ``output_padding``.
+    """Transposed layers; arguments as :class:`_DCNConv` plus keyword ``output_padding``
+    (``modulated`` defaults to False, ``mask_activation`` to ``'sigmoid'``).
 
     The generator is a pointwise convolution on the input grid (where the transposed op's offset
     and mask live); ``deform_groups`` and ``mask_groups`` must divide ``out_channels``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, deform_groups: int = 1, bias: Optional[bool] = None, *, output_padding=0,
-                 mask_groups: Optional[int] = None, modulated: bool = False, mask_activation="sigmoid",
-                 padding_mode: str = "zeros", device=None, dtype=None) -> None:
+                 groups: int = 1, deform_groups: Optional[int] = None, bias: Optional[bool] = None,
+                 im2col_step=None, *, output_padding=0, mask_groups: Optional[int] = None,
+                 modulated: bool = False, mask_activation="sigmoid", padding_mode: str = "zeros", device=None,
+                 dtype=None, **legacy) -> None:
+        deform_groups = _legacy_keywords(type(self).__name__, deform_groups, legacy)
         modulated = bool(modulated)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups,
                          modulated if bias is None else bool(bias), dilation, padding_mode, device, dtype)

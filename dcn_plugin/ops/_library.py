@@ -102,6 +102,31 @@ def _output_shape(
     return [input.shape[0], out_channels, *spatial]
 
 
+def _owning(t: Tensor) -> Tensor:
+    """``t`` as a tensor of its own (the same memory, no copy) when it is a view of a buffer: autograd
+    forbids in-place changes of a custom op's outputs that are views, such as a ``ReLU(inplace=True)``
+    after the layer."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+#: Op name -> the Python kernel registered for CUDA (the Triton drivers, with the output layouts
+#: and ownership the fake kernels promise). The tests register the same functions as CPU kernels to
+#: run them under Triton's interpreter.
+TRITON_KERNELS = {}
+
+
+def _triton_kernel(name: str):
+    """Registers the decorated function as the CUDA kernel of ``dcn_plugin::{name}``."""
+
+    def register(fn):
+        TRITON_KERNELS[name] = fn
+        return torch.library.register_kernel(f"dcn_plugin::{name}", "cuda")(fn)
+
+    return register
+
+
 def _output_format(input: Tensor, weight: Tensor) -> torch.memory_format:
     """The layout of the op's output, as torch's convolution chooses it: channels-last when the input
     or the weight is. (Each gradient takes the layout its tensor suggests.)"""
@@ -182,20 +207,20 @@ if _C is not None:
     # whose eager path goes through a higher-order op for nothing). Compiling into the kernels
     # would take a FunctionalTensorMode rule that runs the driver under tracing, as triton_op
     # does, which is not worth its risk before the kernels have run on a GPU.
-    @torch.library.register_kernel("dcn_plugin::deform_conv", "cuda")
+    @_triton_kernel("deform_conv")
     def _deform_conv_cuda(input, weight, offset, mask, bias, stride, padding, dilation, transposed,
                           output_padding, groups):
         out = _triton_driver().deform_conv(input, weight, offset, mask, bias, stride, padding, dilation,
                                            transposed, output_padding, groups)
-        return out.contiguous(memory_format=_output_format(input, weight))  # the layouts the fakes promise
+        return _owning(out.contiguous(memory_format=_output_format(input, weight)))  # the fakes' layouts
 
-    @torch.library.register_kernel("dcn_plugin::deform_conv_backward", "cuda")
+    @_triton_kernel("deform_conv_backward")
     def _deform_conv_backward_cuda(grad_output, input, weight, offset, mask, stride, padding, dilation,
                                    transposed, output_padding, groups, output_mask):
         grads = _triton_driver().deform_conv_backward(grad_output, input, weight, offset, mask, stride,
                                                       padding, dilation, transposed, output_padding, groups,
                                                       output_mask)
-        return tuple(g if g.dim() == 1 else g.contiguous(memory_format=suggest_memory_format(t))
+        return tuple(_owning(g if g.dim() == 1 else g.contiguous(memory_format=suggest_memory_format(t)))
                      for g, t in zip(grads, (input, weight, offset, mask)))
 
 
@@ -254,14 +279,13 @@ def _register_roi_op(name: str, output_shape) -> None:
     torch.library.register_autograd(backward_qualname, no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
 
+    @_triton_kernel(name)
     def cuda(*args):
-        return getattr(_roi_driver(), name)(*args)
+        return _owning(getattr(_roi_driver(), name)(*args))
 
+    @_triton_kernel(f"{name}_backward")
     def backward_cuda(*args):
-        return getattr(_roi_driver(), f"{name}_backward")(*args)
-
-    torch.library.register_kernel(qualname, "cuda")(cuda)
-    torch.library.register_kernel(backward_qualname, "cuda")(backward_cuda)
+        return tuple(_owning(g) for g in getattr(_roi_driver(), f"{name}_backward")(*args))
 
 
 def _roi_driver():

@@ -255,6 +255,14 @@ at::Tensor from_channels_last(const SamplingKernels& kernels, const at::Tensor& 
   return in_format(moved, format, dtype);
 }
 
+// `t` as a tensor of its own (the same memory, no copy) when it is a view of an internal buffer:
+// autograd forbids in-place changes of a custom op's outputs that are views, such as a
+// ReLU(inplace=True) after the layer.
+at::Tensor owning(const at::Tensor& t) {
+  if (!t.is_view()) return t;
+  return at::empty({0}, t.options()).set_(t.storage(), t.storage_offset(), t.sizes(), t.strides());
+}
+
 // torch's convolution gives a channels-last output when its input or its weight is channels-last.
 at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight) {
   const at::MemoryFormat format = input.suggest_memory_format();
@@ -683,7 +691,7 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
     bias_shape[1] = -1;
     out.add_(bias->view(bias_shape));
   }
-  return out;
+  return owning(out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
@@ -728,7 +736,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   }
   if (want.offset) result[2] = grads.offset.to(dtype);
   if (want.mask) result[3] = grads.mask.to(dtype);
-  return std::make_tuple(result[0], result[1], result[2], result[3]);
+  return std::make_tuple(owning(result[0]), owning(result[1]), owning(result[2]), owning(result[3]));
 }
 namespace {
 
