@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import warnings
+from typing import Optional
 
 import pytest
 import torch
@@ -650,3 +651,45 @@ def test_mmdet_feature_adaption(mmdet_modules, monkeypatch, module_index, name, 
     torch.testing.assert_close(grads_in[0], grads_in_e[0], **TOL)
     for key in grads_e:
         torch.testing.assert_close(grads[key], grads_e[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the project's optimizer rule (dcn_offset_lr_mult) sees the compat layers as mmengine sees mmcv's
+
+
+def _optimizer_groups(model: nn.Module, constructor: Optional[str] = None) -> dict:
+    """Parameter name -> (lr, weight_decay), with ``dcn_offset_lr_mult=0.1`` and bias rules."""
+    from mmengine.optim import build_optim_wrapper
+
+    config = dict(optimizer=dict(type="SGD", lr=0.01, momentum=0.9, weight_decay=1e-4),
+                  paramwise_cfg=dict(dcn_offset_lr_mult=0.1, bias_lr_mult=2.0, bias_decay_mult=0.0))
+    if constructor:
+        config["constructor"] = constructor
+    optimizer = build_optim_wrapper(model, config).optimizer
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+
+
+def _net(module) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), module.DeformConv2dPack(4, 4, 3),
+                         module.ModulatedDeformConv2dPack(4, 4, 3), module.DeformConv2d(4, 4, 3),
+                         module.ModulatedDeformConv2d(4, 4, 3))
+
+
+def test_offset_lr_mult_reaches_conv_offset():
+    pytest.importorskip("mmengine", reason="needs mmengine: pip install mmengine")
+    import dcn_plugin.layers  # noqa: F401 - registers the constructor
+
+    groups = _optimizer_groups(_net(compat), "dcn_plugin.DCNOptimWrapperConstructor")
+    offsets = [n for n in groups if ".conv_offset." in n]
+    assert len(offsets) == 4
+    for name in offsets:
+        assert groups[name] == (pytest.approx(0.001), 1e-4), name
+
+
+def test_optimizer_groups_as_mmengine_gives_real_mmcv(mmcv_ops):
+    """mmengine's own rule on mmcv-full's layers, against the project's on the compat layers."""
+    import dcn_plugin.layers  # noqa: F401 - registers the constructor
+
+    assert _optimizer_groups(_net(compat), "dcn_plugin.DCNOptimWrapperConstructor") == \
+        _optimizer_groups(_net(mmcv_ops))
