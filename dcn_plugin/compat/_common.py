@@ -1,9 +1,28 @@
-"""Argument checks shared by the compat layers (mmcv's and detectron2's take the offset and mask
-group count as an argument, where ``dcn_plugin.ops`` reads it from the channel counts)."""
+"""Pieces shared by the compat modules: the argument checks of the layers (mmcv's and detectron2's
+take the offset and mask group count as an argument, where ``dcn_plugin.ops`` reads it from the
+channel counts), and the name replacement of their ``install()``."""
 
 from __future__ import annotations
 
+import sys
+from typing import Dict, List
+
 from torch import Tensor
+
+
+def replace_names(theirs: Dict[str, object], ours: Dict[str, object], packages) -> List[str]:
+    """In every loaded module of ``packages`` (top-level names), sets each name that holds
+    ``theirs[name]`` to ``ours[name]``; returns the ``module.name`` strings replaced, sorted.
+    Objects are matched by identity, so only the library's own objects are ever replaced."""
+    replaced = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module_name.split(".")[0] not in packages:
+            continue
+        for name, obj in ours.items():
+            if theirs[name] is not obj and module.__dict__.get(name) is theirs[name]:
+                setattr(module, name, obj)
+                replaced.append(f"{module_name}.{name}")
+    return sorted(replaced)
 
 
 def assert_groups_divide(in_channels: int, out_channels: int, groups: int) -> None:

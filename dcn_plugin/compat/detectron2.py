@@ -20,13 +20,12 @@ forward) and with ``deformable_groups > 1``, in float16 and bfloat16 too; ``stri
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Callable, List, Optional
 
 from torch import Tensor, nn
 
 from .. import ops
-from ._common import assert_groups_divide, check_offset_mask
+from ._common import assert_groups_divide, check_offset_mask, replace_names
 
 __all__ = ["DeformConv", "ModulatedDeformConv", "install"]
 
@@ -152,12 +151,4 @@ def install() -> List[str]:
         raise ImportError(f"install() needs detectron2 (its layers and modeling packages): {exc}") from exc
     ours = {"DeformConv": DeformConv, "ModulatedDeformConv": ModulatedDeformConv}
     theirs = {name: getattr(modules[0], name) for name in ours}
-    replaced = []
-    for module_name, module in list(sys.modules.items()):
-        if module is None or not (module_name == "detectron2" or module_name.startswith("detectron2.")):
-            continue
-        for name, cls in ours.items():
-            if theirs[name] is not cls and module.__dict__.get(name) is theirs[name]:
-                setattr(module, name, cls)
-                replaced.append(f"{module_name}.{name}")
-    return sorted(replaced)
+    return replace_names(theirs, ours, ["detectron2"])

@@ -30,6 +30,7 @@ kernel point (row-major) ``(dy, dx)``; mask ``(B, deform_groups * kh * kw, H_out
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
 import warnings
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import DeformRoIPool, DeformRoIPoolPack, ModulatedDeformRoIPoolPack, deform_roi_pool
 from ..ops.modules import upgrade_version1_offset_keys
-from ._common import assert_groups_divide, check_offset_mask
+from ._common import assert_groups_divide, check_offset_mask, replace_names
 
 __all__ = [
     "DeformConv2d",
@@ -54,6 +55,7 @@ __all__ = [
     "DeformRoIPoolPack",
     "ModulatedDeformRoIPoolPack",
     "deform_roi_pool",
+    "install",
 ]
 
 IntOrPair = Union[int, Tuple[int, ...]]
@@ -291,3 +293,30 @@ class ModulatedDeformConv2dPack(_PackVersion2, ModulatedDeformConv2d):
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         o1, o2, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
         return super().forward(x, torch.cat((o1, o2), dim=1), torch.sigmoid(mask))
+
+
+#: OpenMMLab packages whose loaded modules ``install()`` updates.
+OPENMMLAB_PACKAGES = ("mmcv", "mmdet", "mmseg", "mmpose", "mmrotate", "mmdet3d", "mmyolo", "mmaction",
+                      "mmocr", "mmtrack", "mmflow", "mmedit", "mmagic", "mmpretrain")
+
+
+def install() -> list:
+    """Makes ``mmcv.ops`` (mmcv-full's) serve these classes and functions under its names.
+
+    Afterwards ``mmcv.ops.DeformConv2d``... are this module's, and so are the same names in every
+    loaded module of mmcv and the OpenMMLab packages that took them from ``mmcv.ops`` (matched by
+    identity; e.g. mmdetection's heads, once imported), and mmdetection's RoI extractors resolve the
+    ``roi_layer`` types ``'DeformRoIPoolPack'`` and ``'ModulatedDeformRoIPoolPack'`` to ours, which
+    run on the CPU too. Call it before the models are built; ``import dcn_plugin.compat.mmcv_ops``
+    (e.g. in a config's ``custom_imports``) calls it. Calling it again changes nothing.
+
+    Returns:
+        The names replaced, e.g. ``['mmcv.ops.DeformConv2d', ...]``.
+    """
+    try:
+        mmcv_ops = importlib.import_module("mmcv.ops")
+    except ImportError as exc:
+        raise ImportError(f"install() needs mmcv-full (mmcv.ops with its compiled ops): {exc}") from exc
+    ours = {name: globals()[name] for name in __all__ if name != "install"}
+    theirs = {name: getattr(mmcv_ops, name) for name in ours}
+    return replace_names(theirs, ours, OPENMMLAB_PACKAGES)
