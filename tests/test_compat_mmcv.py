@@ -536,7 +536,7 @@ def test_bad_inputs_name_the_argument():
 def test_unknown_keyword_names_class_and_keyword(name):
     with pytest.raises(TypeError, match=f"{name}: .*unexpected keyword argument 'deform_group'"):
         getattr(compat, name)(4, 4, 3, deform_group=2)
-    with pytest.raises(TypeError, match=f"{name}: got both deform_groups and its legacy name"):
+    with pytest.raises(TypeError, match=f"{name}: got deform_groups=2 and its legacy name deformable_groups"):
         getattr(compat, name)(4, 4, 3, deform_groups=2, deformable_groups=2)
     with pytest.warns(DeprecationWarning, match='"deformable_groups" is deprecated'):
         assert getattr(compat, name)(4, 4, 3, deformable_groups=2).deform_groups == 2

@@ -33,7 +33,6 @@ import functools
 import importlib
 import inspect
 import math
-import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -41,7 +40,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import DeformRoIPool, DeformRoIPoolPack, ModulatedDeformRoIPoolPack, deform_roi_pool
-from ..ops.modules import upgrade_version1_offset_keys
+from ..ops.modules import rename_deformable_groups, upgrade_version1_offset_keys
 from ._common import assert_groups_divide, check_offset_mask, replace_names
 
 __all__ = [
@@ -130,13 +129,7 @@ def _mmcv_arguments(init):
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         name = type(self).__name__
-        if "deformable_groups" in kwargs:
-            if "deform_groups" in kwargs:
-                raise TypeError(f"{name}: got both deform_groups and its legacy name deformable_groups; "
-                                "pass deform_groups only")
-            warnings.warn(f'"deformable_groups" is deprecated in `{name}.__init__`, please use '
-                          '"deform_groups" instead', DeprecationWarning, stacklevel=3)
-            kwargs["deform_groups"] = kwargs.pop("deformable_groups")
+        rename_deformable_groups(name, kwargs)
         try:
             signature.bind(self, *args, **kwargs)
         except TypeError as exc:

@@ -18,7 +18,6 @@ unchanged (keys ``weight``, ``bias``, ``conv_offset.weight``, ``conv_offset.bias
 from __future__ import annotations
 
 import math
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -34,6 +33,7 @@ from ..ops.modules import (
     DeformConvTranspose3d,
     check_groups,
     make_mask_activation,
+    rename_deformable_groups,
     upgrade_version1_offset_keys,
 )
 
@@ -90,14 +90,9 @@ class DeformGenerator(nn.Module):
 def _legacy_keywords(layer: str, deform_groups: Optional[int], keywords: dict) -> int:
     """``deform_groups`` after mmcv's legacy keyword ``deformable_groups`` (same meaning, with mmcv's
     deprecation warning); any other keyword left in ``keywords`` is an error naming the layer."""
-    if "deformable_groups" in keywords:
-        legacy = keywords.pop("deformable_groups")
-        if deform_groups is not None:
-            raise TypeError(f"{layer}: got deform_groups={deform_groups} and its legacy name "
-                            f"deformable_groups={legacy}; pass deform_groups only")
-        warnings.warn(f'"deformable_groups" is deprecated in `{layer}.__init__`, please use "deform_groups" '
-                      "instead", DeprecationWarning, stacklevel=3)
-        deform_groups = legacy
+    keywords["deform_groups"] = deform_groups
+    rename_deformable_groups(layer, keywords, stacklevel=3)
+    deform_groups = keywords.pop("deform_groups")
     if keywords:
         raise TypeError(f"{layer}.__init__() got an unexpected keyword argument {next(iter(keywords))!r}")
     return 1 if deform_groups is None else deform_groups

@@ -26,6 +26,7 @@ have mmcv's constructor arguments, state_dict keys (``offset_fc.*``, ``mask_fc.*
 
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Tuple, Union
 
 import torch.nn.functional as F
@@ -235,6 +236,21 @@ def check_groups(value, name: str, channels: int, channels_name: str, owner: str
             f"{channels_name}={channels}"
         )
     return value
+
+
+def rename_deformable_groups(owner: str, kwargs: dict, stacklevel: int = 2) -> None:
+    """mmcv's legacy keyword, in ``kwargs`` in place: ``deformable_groups`` becomes ``deform_groups``
+    (same meaning) with mmcv's ``DeprecationWarning``; both given is a ``TypeError`` naming ``owner``.
+    ``stacklevel`` is ``warnings.warn``'s, counted from the function that calls this one."""
+    if "deformable_groups" not in kwargs:
+        return
+    legacy = kwargs.pop("deformable_groups")
+    if kwargs.get("deform_groups") is not None:
+        raise TypeError(f"{owner}: got deform_groups={kwargs['deform_groups']} and its legacy name "
+                        f"deformable_groups={legacy}; pass deform_groups only")
+    warnings.warn(f'"deformable_groups" is deprecated in `{owner}.__init__`, please use "deform_groups" '
+                  "instead", DeprecationWarning, stacklevel=stacklevel + 1)
+    kwargs["deform_groups"] = legacy
 
 
 def upgrade_version1_offset_keys(state_dict, prefix: str, local_metadata: dict) -> None:
