@@ -123,11 +123,36 @@ def test_float32_against_reference(triton_device, n, transposed):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("n, transposed", DIMS_TRANSPOSED, ids=IDS)
-def test_half_types_at_most_twice_conv_error(triton_device, n, transposed, dtype):
-    """Columns and matrix products in the half type, positions and sums in float32."""
-    case = _case(n, transposed, in_channels=8, out_channels=8, in_size=(24, 7, 4)[n - 1],
+def test_half_types_at_most_three_times_conv_error(triton_device, n, transposed, dtype):
+    """Columns and matrix products in the half type (float32 accumulation), positions, coordinate
+    gradients and sums in float32: at most 3x plain convolution's error in that dtype (DESIGN.md's
+    bound where columns are stored in the half type; measured ratios: tests/half_error_ratios.py)."""
+    assert_low_precision_like_conv(run_op, half_type_case(n, transposed), dtype, triton_device, factor=3)
+
+
+def half_type_case(n: int, transposed: bool) -> Case:
+    """The half-type tests' case (tests/half_error_ratios.py measures the same)."""
+    return _case(n, transposed, in_channels=8, out_channels=8, in_size=(24, 7, 4)[n - 1],
                  kernel=((3,), (3, 3), (2, 3, 2))[n - 1], offset_groups=2, mask_groups=2)
-    assert_low_precision_like_conv(run_op, case, dtype, triton_device)
+
+
+def test_half_type_columns(triton_device, monkeypatch):
+    """In float16 the kernel writes its columns in float16 (the matrix products' dtype), not float32."""
+    from dcn_plugin.ops.triton import driver, kernels
+
+    seen = []
+    sample = kernels.sample
+
+    def spy(launch):
+        seen.extend(t.dtype for t in (launch.columns, launch.grad_columns) if t is not None)
+        sample(launch)
+
+    monkeypatch.setattr(driver, "sample", spy)
+    case = _case(2, False, in_size=5)
+    tensors = make_tensors(case, device=triton_device)
+    tensors = {k: None if t is None else t.half() for k, t in tensors.items()}
+    forward_backward(run_op, case, tensors)
+    assert seen and set(seen) == {torch.float16}
 
 
 @pytest.mark.parametrize("batch", [0, 1, 3])
