@@ -349,6 +349,57 @@ def test_bad_arguments_are_checked_first(triton_device):
         driver.deform_conv_backward(grad_output, *_op_args(case, tensors, bias=False), [True] * 4)
 
 
+class no_host_reads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails every op that reads tensor data on the host or makes a shape from it (``item()``,
+    ``bool(t)``, ``torch.equal``, ``nonzero``, ...): each waits for the GPU, and none can be captured
+    in a CUDA graph. A Python dispatch mode sees the ops the C++ parts run too (argument checks, RoI
+    tables). On CUDA, torch's sync debug mode also turns any synchronising call into an error."""
+
+    FORBIDDEN = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select", "_unique2",
+                 "unique_consecutive", "unique_dim", "repeat_interleave"}
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            self.previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode(self.previous)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.FORBIDDEN and not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
+            raise AssertionError(f"{func} reads tensor data on the host (a synchronisation on a GPU)")
+        return func(*args, **(kwargs or {}))
+
+
+def run_without_host_reads(run, case, tensors, grad_output):
+    """``run(case, leaves)`` and its backward under :class:`no_host_reads` (leaves and the output
+    gradient are made before)."""
+    leaves = {k: None if t is None else t.detach().clone().requires_grad_(k != "rois")
+              for k, t in tensors.items()}
+    with no_host_reads():
+        out = run(case, leaves)
+        out.backward(grad_output)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
+def test_no_host_synchronisation(triton_device, transposed, dtype):
+    """Forward and backward on the Triton kernels read nothing on the host: every decision comes
+    from shapes."""
+    case = _case(2, transposed, in_size=5)
+    tensors = make_tensors(case, device=triton_device)
+    tensors = {k: None if t is None else t.to(dtype) for k, t in tensors.items()}
+    grad_output = _grad_output(case, triton_device, dtype)
+    run_without_host_reads(run_op, case, tensors, grad_output)
+    with pytest.raises(AssertionError, match="reads tensor data on the host"), no_host_reads():
+        bool(tensors["weight"].sum() > 0)  # the check itself works
+
+
 def test_opcheck(triton_device):
     case = _case(2, True, batch=1, in_size=3, offset_groups=1, mask_groups=2)
     tensors = make_tensors(case, device=triton_device, requires_grad=True)
