@@ -2,7 +2,7 @@
 for NVIDIA and AMD GPUs, without a GPU, and writes the table.
 
     python tools/triton_compile_matrix.py                      # every Triton in TRITONS (about 40 min)
-    python tools/triton_compile_matrix.py --tritons 3.0.0      # one (CI: the oldest)
+    python tools/triton_compile_matrix.py --tritons 3.0.0 --require cuda:80,cuda:90   # CI: the oldest
     python tools/triton_compile_matrix.py --installed          # the Triton of this python (gpu_check.sh)
     ... [--targets cuda:80,cuda:90,...] [--markdown FILE] [--json FILE] [--jobs N] [--env-dir DIR]
 
@@ -12,7 +12,8 @@ python's torch, and pip never installs another), with a fresh Triton cache, and 
 launch variant of ``tests/triton_compile_check.py --all`` (the one compile mechanism) for every
 target. A cell is ``ok`` when the kernel compiled to machine code, ``unknown`` when this Triton
 cannot compile even a one-line probe kernel for the target (reason in the JSON), ``FAILED``
-otherwise; the exit status is 1 when any cell failed.
+otherwise; the exit status is 1 when any cell failed, or when a target named by ``--require`` is
+unknown to a Triton (so that a broken environment cannot pass as "nothing to compile").
 
 Triton up to 3.4 links AMD code with an external ``ld.lld`` (ROCm's; the torch ROCm wheels bundle
 one): where one is on PATH (``ld.lld``, or Debian's ``ld.lld-NN``) it is passed to those Tritons as
@@ -138,7 +139,9 @@ def main(argv) -> int:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--markdown", help="write the table here")
     parser.add_argument("--json", help="write every cell here")
+    parser.add_argument("--require", default="", help="targets that must compile (unknown fails)")
     args = parser.parse_args(argv)
+    required = [t for t in args.require.split(",") if t]
     targets = args.targets.split(",")
     lld = find_lld()
     pythons = [("installed", sys.executable)] if args.installed else \
@@ -153,9 +156,9 @@ def main(argv) -> int:
         print(f"triton {row['triton']} ({took:.0f}s): " +
               ", ".join(f"{TARGET_NAMES.get(t, t)} {row['summary'][t][:60]}" for t in targets), flush=True)
         for cell in data["cells"]:
-            if cell["status"] == "failed":
+            if cell["status"] == "failed" or (cell["status"] == "unknown" and cell["target"] in required):
                 status = 1
-                print(f"  FAILED {cell['target']} {cell['variant']}: {cell['detail']}")
+                print(f"  {cell['status'].upper()} {cell['target']} {cell['variant']}: {cell['detail']}")
     table = markdown(rows, targets)
     print(table)
     if args.markdown:
