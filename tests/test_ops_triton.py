@@ -8,7 +8,7 @@ interpreter is slow (numpy per program instance), so the cases are tiny and cove
 dims x transposed x offset/mask presence x groups, offset groups and mask groups x stride,
 padding, dilation and non-square kernels x dtypes along a few lines rather than its product.
 
-The last tests compile the kernels for a GPU (sm_90) without one: the interpreter accepts some
+The last tests compile the kernels for GPUs (sm_90, gfx942) without one: the interpreter accepts some
 Python that Triton's compiler does not.
 """
 

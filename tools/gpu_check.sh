@@ -14,9 +14,10 @@
 # and records that Triton's version in summary.txt. Everything goes to OUTDIR: env.txt, *.log,
 # pytest's junit XML, the benchmark tables (Markdown and JSON), and summary.txt with each step's status.
 #
-# Without a GPU it builds, checks that the kernels compile for sm_90 and that the commands below
-# are well-formed, says which GPU steps it skipped, and exits 0. Each step has a timeout taken from
-# one overall deadline, so the whole check ends within the budget even when a step hangs.
+# Without a GPU it builds, checks that the kernels compile (the matrix row, and the tests' sm_90 and
+# gfx942 compilations) and that the commands below are well-formed, says which GPU steps it skipped,
+# and exits 0 when all of that passed. Each step has a timeout taken from one overall deadline, so
+# the whole check ends within the budget even when a step hangs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -145,7 +146,7 @@ if (( GPU )); then
   step bench-roi 40 "${BENCH[@]}" --op roi --markdown "$OUT/bench-cuda-roi-float32.md" \
     --json "$OUT/bench-cuda-roi-float32.json" || STATUS=1
 else
-  # What runs without a GPU: the kernels compile for sm_90, and the commands above are well-formed.
+  # What runs without a GPU: the kernels compile for sm_90 and gfx942, and the commands above are well-formed.
   step compile-kernels 120 "${PYTEST[@]}" tests/test_ops_triton.py tests/test_roi_pool_triton.py \
     -k "compile_for_a_gpu or registered" || STATUS=1
   step tests-collect 60 "${PYTEST[@]}" -m cuda --collect-only tests/test_ops_triton.py tests/test_ops_cuda.py \
