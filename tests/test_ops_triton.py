@@ -483,6 +483,31 @@ def compile_for_gpus(specs, targets=("cuda:90", "hip:gfx942")):
     assert result.stdout.count(": ok") == len(specs) * len(targets), result.stdout
 
 
+def test_kernels_avoid_constructs_old_tritons_reject():
+    """No @triton.jit function chains three boolean operands (``A or B or C``) or comparisons
+    (``a < b < c``): Triton 3.0 to 3.3 reject them. CI compiles with Triton 3.0 itself (.ci/run); this
+    catches the commonest case where that Triton cannot be installed."""
+    import ast
+    import glob
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dcn_plugin")
+    found, jitted = [], 0
+    for path in glob.glob(os.path.join(root, "**", "*.py"), recursive=True):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for fn in ast.walk(tree):
+            decorators = [ast.unparse(d) for d in getattr(fn, "decorator_list", [])]
+            if not (isinstance(fn, ast.FunctionDef) and any("jit" in d for d in decorators)):
+                continue
+            jitted += 1
+            for node in ast.walk(fn):
+                if (isinstance(node, ast.BoolOp) and len(node.values) > 2) or \
+                        (isinstance(node, ast.Compare) and len(node.ops) > 1):
+                    where = f"{os.path.relpath(path, root)}:{node.lineno} in {fn.name}"
+                    found.append(f"{where}: {ast.unparse(node)}")
+    assert jitted >= 5 and not found, found
+
+
 @pytest.mark.skipif(not TRITON_IMPORTABLE, reason=NO_TRITON)
 def test_kernels_compile_for_a_gpu():
     """Every launch variant of the convolution's kernel (each kind, dims, dtype, index width, block
