@@ -86,10 +86,16 @@ def launch_variants() -> List[str]:
     """The launches the drivers make, as SPECs: every kind of each kernel, with the dims, dtypes,
     index widths and block sizes taken in turn, so that every dims x dtype and dtype x index width
     pair, and every block size the launchers pick, is compiled (the full product would be 3840
-    compilations per target for the convolution's kernel alone)."""
+    compilations per target for the convolution's kernel alone); and the full backward (every
+    flag on) in every dims x dtype pair with the largest tile, the kind where a compiler bug was
+    found (Triton 3.7.1, AMD, 1d float64)."""
     specs = []
     for i, kind in enumerate(KINDS):
         specs.append(f"{1 + i % 3},{DTYPES[i % 4]},{kind},{(i // 4) % 2 == 1},{SAMPLE_BLOCKS[i % 5]}")
+    for n, dtype in itertools.product((1, 2, 3), DTYPES):
+        spec = f"{n},{dtype},CSom+off+mask,False,16"
+        if spec not in specs:
+            specs.append(spec)
     for i, kind in enumerate(ROI_KINDS):
         specs.append(f"roi,{DTYPES[i % 4]},{kind},{ROI_BLOCKS[i % 7]}")
     return specs

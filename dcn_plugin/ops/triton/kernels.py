@@ -43,8 +43,10 @@ def _axis(pos, size):
     touches = (pos > -1.0) & (pos < size)
     pos = tl.where(touches, pos, 0.0)
     low = tl.floor(pos)
-    low_index = low.to(tl.int32)
-    return low_index, pos - low, touches & (low_index >= 0), touches & (low_index + 1 < size)
+    # The neighbours' bounds are tested on `low` (a whole number), not on the integer index: with the
+    # index shared between these tests and the addresses, Triton 3.7.1's layout-conversion pass breaks
+    # the AMD build of some launches (fp64, 1d, scatter: "operand #0 does not dominate this use").
+    return low.to(tl.int32), pos - low, touches & (low >= 0.0), touches & (low < size - 1.0)
 
 
 @triton.jit
