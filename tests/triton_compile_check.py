@@ -141,13 +141,12 @@ def _compile(source, target: str, num_warps: int) -> int:
     """Compiles for ``target``; returns the size of the machine code (cubin or hsaco)."""
     import triton
 
+    from dcn_plugin.ops.triton.kernels import FP_FUSION
+
     kernel = triton.compile(source, target=_target(target),
                             options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION})
     binary = kernel.asm["cubin" if target.startswith("cuda") else "hsaco"]
     return len(binary)
-
-
-FP_FUSION = True  # replaced by the launchers' own value in main()
 
 
 def sample_source(n: int, dtype: str, kind: str, wide: bool, block_c: int):
@@ -243,10 +242,8 @@ def main(argv) -> int:
     except Exception as exc:  # no NVIDIA backend in this triton build
         print(f"triton's NVIDIA backend is not available here ({exc!r})")
         return 3
-    from dcn_plugin.ops.triton import kernels
+    from dcn_plugin.ops.triton.kernels import FP_FUSION
 
-    global FP_FUSION
-    FP_FUSION = kernels.FP_FUSION
     targets = args.target or ["cuda:90"]
     if "all" in targets:
         targets = DEFAULT_TARGETS
@@ -265,7 +262,8 @@ def main(argv) -> int:
     if args.jobs > 1 and len(jobs) > 1:
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+        # spawn, not fork: a process forked after Triton has compiled (the probes) can deadlock
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.imap(_cell, jobs)
             for cell in results:
                 cells.append(cell)
