@@ -391,11 +391,12 @@ def _low_precision_errors(run, case: Case, dtype: torch.dtype, device: Union[str
 
 
 def assert_low_precision_like_conv(run, case: Case, dtype: torch.dtype,
-                                   device: Union[str, torch.device]) -> None:
+                                   device: Union[str, torch.device], factor: float = 2) -> None:
     """In ``dtype`` (float16, bfloat16), ``run``'s output and input and weight gradients are at most
-    twice as far from float64 as plain convolution's in that dtype (see :func:`_low_precision_errors`)."""
+    ``factor`` times as far from float64 as plain convolution's in that dtype (see
+    :func:`_low_precision_errors`): 2, or 3 where columns are stored in the half type (DESIGN.md)."""
     floor = torch.finfo(dtype).eps / 8  # so that a near-zero conv error cannot make this flaky
     for name, (error, conv_error) in _low_precision_errors(run, case, dtype, device).items():
-        assert error <= 2 * max(conv_error, floor), (
+        assert error <= factor * max(conv_error, floor), (
             f"{name}: relative error {error:.3g} vs {conv_error:.3g} for plain convolution in {dtype}"
         )

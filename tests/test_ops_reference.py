@@ -328,3 +328,29 @@ def test_depthwise_chunked_against_reference(tiny_workspace):
                       offset_groups=3, mask_groups=1)
     check_against_reference(case, "cpu")
     check_against_reference(dataclasses.replace(case, transposed=True), "cpu", seed=2)
+
+
+def test_float32_products_fall_back_to_mm_without_onednn():
+    """float32 CPU products use torch's private oneDNN op mkldnn::_linear_pointwise, looked up once
+    with its expected signature. Where a torch lacks it or has changed it, the look-up must fail
+    quietly and every product fall back to at::mm: forced here through the same guarded look-up
+    (an op of another signature, a missing op), with the same results."""
+    lookup = torch.ops.dcn_plugin._use_onednn_linear
+    case = Case.build(2, batch=2, in_channels=6, out_channels=4, in_size=(7, 6), kernel=(3, 3), padding=1,
+                      groups=2, offset_groups=2, mask_groups=1)
+    tensors = make_tensors(case, dtype=torch.float32, seed=4)
+    with_onednn = forward_backward(run_op, case, tensors)
+    try:
+        assert not lookup("aten::mm")  # exists, with another signature: refused, not thrown
+        assert not lookup("dcn_plugin_no_such::op")
+        with_mm = forward_backward(run_op, case, tensors)
+    finally:
+        found = lookup("mkldnn::_linear_pointwise")
+    assert found == torch.backends.mkldnn.is_available()
+    expected = forward_backward(run_reference, case, {k: None if t is None else t.double()
+                                                      for k, t in tensors.items()})
+    assert_close(with_mm[0], expected[0], torch.float32, "output")
+    assert_close(with_mm[0], with_onednn[0], torch.float32, "output vs oneDNN")
+    for name, grad in with_mm[1].items():
+        assert_close(grad, expected[1][name], torch.float32, name)
+        assert_close(grad, with_onednn[1][name], torch.float32, f"{name} vs oneDNN")

@@ -8,7 +8,7 @@ interpreter is slow (numpy per program instance), so the cases are tiny and cove
 dims x transposed x offset/mask presence x groups, offset groups and mask groups x stride,
 padding, dilation and non-square kernels x dtypes along a few lines rather than its product.
 
-The last tests compile the kernels for a GPU (sm_90) without one: the interpreter accepts some
+The last tests compile the kernels for GPUs (sm_90, gfx942) without one: the interpreter accepts some
 Python that Triton's compiler does not.
 """
 
@@ -123,11 +123,36 @@ def test_float32_against_reference(triton_device, n, transposed):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("n, transposed", DIMS_TRANSPOSED, ids=IDS)
-def test_half_types_at_most_twice_conv_error(triton_device, n, transposed, dtype):
-    """Columns and matrix products in the half type, positions and sums in float32."""
-    case = _case(n, transposed, in_channels=8, out_channels=8, in_size=(24, 7, 4)[n - 1],
+def test_half_types_at_most_three_times_conv_error(triton_device, n, transposed, dtype):
+    """Columns and matrix products in the half type (float32 accumulation), positions, coordinate
+    gradients and sums in float32: at most 3x plain convolution's error in that dtype (DESIGN.md's
+    bound where columns are stored in the half type; measured ratios: tests/half_error_ratios.py)."""
+    assert_low_precision_like_conv(run_op, half_type_case(n, transposed), dtype, triton_device, factor=3)
+
+
+def half_type_case(n: int, transposed: bool) -> Case:
+    """The half-type tests' case (tests/half_error_ratios.py measures the same)."""
+    return _case(n, transposed, in_channels=8, out_channels=8, in_size=(24, 7, 4)[n - 1],
                  kernel=((3,), (3, 3), (2, 3, 2))[n - 1], offset_groups=2, mask_groups=2)
-    assert_low_precision_like_conv(run_op, case, dtype, triton_device)
+
+
+def test_half_type_columns(triton_device, monkeypatch):
+    """In float16 the kernel writes its columns in float16 (the matrix products' dtype), not float32."""
+    from dcn_plugin.ops.triton import driver, kernels
+
+    seen = []
+    sample = kernels.sample
+
+    def spy(launch):
+        seen.extend(t.dtype for t in (launch.columns, launch.grad_columns) if t is not None)
+        sample(launch)
+
+    monkeypatch.setattr(driver, "sample", spy)
+    case = _case(2, False, in_size=5)
+    tensors = make_tensors(case, device=triton_device)
+    tensors = {k: None if t is None else t.half() for k, t in tensors.items()}
+    forward_backward(run_op, case, tensors)
+    assert seen and set(seen) == {torch.float16}
 
 
 @pytest.mark.parametrize("batch", [0, 1, 3])
@@ -324,6 +349,57 @@ def test_bad_arguments_are_checked_first(triton_device):
         driver.deform_conv_backward(grad_output, *_op_args(case, tensors, bias=False), [True] * 4)
 
 
+class no_host_reads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails every op that reads tensor data on the host or makes a shape from it (``item()``,
+    ``bool(t)``, ``torch.equal``, ``nonzero``, ...): each waits for the GPU, and none can be captured
+    in a CUDA graph. A Python dispatch mode sees the ops the C++ parts run too (argument checks, RoI
+    tables). On CUDA, torch's sync debug mode also turns any synchronising call into an error."""
+
+    FORBIDDEN = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select", "_unique2",
+                 "unique_consecutive", "unique_dim", "repeat_interleave"}
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            self.previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode(self.previous)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.FORBIDDEN and not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
+            raise AssertionError(f"{func} reads tensor data on the host (a synchronisation on a GPU)")
+        return func(*args, **(kwargs or {}))
+
+
+def run_without_host_reads(run, case, tensors, grad_output):
+    """``run(case, leaves)`` and its backward under :class:`no_host_reads` (leaves and the output
+    gradient are made before)."""
+    leaves = {k: None if t is None else t.detach().clone().requires_grad_(k != "rois")
+              for k, t in tensors.items()}
+    with no_host_reads():
+        out = run(case, leaves)
+        out.backward(grad_output)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
+def test_no_host_synchronisation(triton_device, transposed, dtype):
+    """Forward and backward on the Triton kernels read nothing on the host: every decision comes
+    from shapes."""
+    case = _case(2, transposed, in_size=5)
+    tensors = make_tensors(case, device=triton_device)
+    tensors = {k: None if t is None else t.to(dtype) for k, t in tensors.items()}
+    grad_output = _grad_output(case, triton_device, dtype)
+    run_without_host_reads(run_op, case, tensors, grad_output)
+    with pytest.raises(AssertionError, match="reads tensor data on the host"), no_host_reads():
+        bool(tensors["weight"].sum() > 0)  # the check itself works
+
+
 def test_opcheck(triton_device):
     case = _case(2, True, batch=1, in_size=3, offset_groups=1, mask_groups=2)
     tensors = make_tensors(case, device=triton_device, requires_grad=True)
@@ -389,31 +465,53 @@ def test_cuda_kernels_registered_without_importing_triton():
     assert result.stdout.split()[-1] == str(torch.cuda.is_available() and TRITON_IMPORTABLE)
 
 
-# Kernel variants the driver launches: (N, dtype, flags, wide) with flags of the forward op, the
-# transposed op and the backward's combinations; every N, dtype and index width appears.
-COMPILE_VARIANTS = [
-    (1, "fp32", "forward", False),
-    (2, "bf16", "forward", False),
-    (3, "fp16", "forward-no-offset", True),
-    (2, "fp64", "transposed", False),
-    (3, "fp32", "transposed-no-mask", False),
-    (1, "fp16", "backward", True),
-    (2, "fp32", "backward", False),
-    (3, "bf16", "backward-coordinates", False),
-    (2, "fp64", "backward-scatter", True),
-]
-
-
-@pytest.mark.skipif(not TRITON_IMPORTABLE, reason=NO_TRITON)
-def test_kernels_compile_for_a_gpu():
-    """Every kind of launch compiles to sm_90 machine code with Triton's own compiler and ptxas
-    (shipped in the triton wheel; no GPU needed), in a fresh process without the interpreter."""
+def compile_for_gpus(specs, targets=("cuda:90", "hip:gfx942")):
+    """Compiles ``specs`` (tests/triton_compile_check.py) for ``targets`` with the installed Triton's
+    own compiler (ptxas and the AMD backend ship in the wheel; no GPU needed), in a fresh process
+    without the interpreter; every cell must compile. The other Tritons and targets:
+    tools/triton_compile_matrix.py (CI runs it for the oldest)."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile_check.py")
-    variants = [",".join(map(str, v)) for v in COMPILE_VARIANTS]
-    result = subprocess.run([sys.executable, script, *variants], capture_output=True, text=True,
-                            env=_env_without_interpreter(), timeout=600)
+    command = [sys.executable, script, *specs, "--jobs", "2"]
+    for target in targets:
+        command += ["--target", target]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env_without_interpreter(),
+                            timeout=900)
     if result.returncode == 3:  # this triton has no NVIDIA backend
         reason = result.stdout.strip().splitlines()[-1]
         pytest.skip(f"{reason}; needs a triton build with it (the PyPI wheels have it)")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(": ok") == len(COMPILE_VARIANTS), result.stdout
+    assert result.stdout.count(": ok") == len(specs) * len(targets), result.stdout
+
+
+def test_kernels_avoid_constructs_old_tritons_reject():
+    """No @triton.jit function chains three boolean operands (``A or B or C``) or comparisons
+    (``a < b < c``): Triton 3.0 to 3.3 reject them. CI compiles with Triton 3.0 itself (.ci/run); this
+    catches the commonest case where that Triton cannot be installed."""
+    import ast
+    import glob
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dcn_plugin")
+    found, jitted = [], 0
+    for path in glob.glob(os.path.join(root, "**", "*.py"), recursive=True):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for fn in ast.walk(tree):
+            decorators = [ast.unparse(d) for d in getattr(fn, "decorator_list", [])]
+            if not (isinstance(fn, ast.FunctionDef) and any("jit" in d for d in decorators)):
+                continue
+            jitted += 1
+            for node in ast.walk(fn):
+                if (isinstance(node, ast.BoolOp) and len(node.values) > 2) or \
+                        (isinstance(node, ast.Compare) and len(node.ops) > 1):
+                    where = f"{os.path.relpath(path, root)}:{node.lineno} in {fn.name}"
+                    found.append(f"{where}: {ast.unparse(node)}")
+    assert jitted >= 5 and not found, found
+
+
+@pytest.mark.skipif(not TRITON_IMPORTABLE, reason=NO_TRITON)
+def test_kernels_compile_for_a_gpu():
+    """Every launch variant of the convolution's kernel (each kind, dims, dtype, index width, block
+    size the driver picks) compiles for NVIDIA sm_90 and AMD gfx942."""
+    from triton_compile_check import launch_variants
+
+    compile_for_gpus([spec for spec in launch_variants() if not spec.startswith("roi,")])

@@ -8,13 +8,16 @@
 # against the torch there, runs the op tests on CUDA, and benchmarks the GPU cases with
 # tools/benchmark.py --device cuda in float32 and in bfloat16 autocast (dcn_plugin, cuDNN
 # convolution, torchvision.ops.deform_conv2d where installed: forward, forward+backward, peak
-# memory), and last the RoI pooling ops' CUDA tests and benchmark (--op roi). Everything goes to
-# OUTDIR: env.txt, *.log, pytest's junit XML, the benchmark tables (Markdown and JSON), and
-# summary.txt with each step's status.
+# memory), and last the RoI pooling ops' CUDA tests and benchmark (--op roi). Before the GPU steps
+# it runs the compile matrix's row for the Triton installed there (tools/triton_compile_matrix.py
+# --installed: every launch variant for sm_80/90/100 and gfx90a/gfx942, compile-matrix.md/.json)
+# and records that Triton's version in summary.txt. Everything goes to OUTDIR: env.txt, *.log,
+# pytest's junit XML, the benchmark tables (Markdown and JSON), and summary.txt with each step's status.
 #
-# Without a GPU it builds, checks that the kernels compile for sm_90 and that the commands below
-# are well-formed, says which GPU steps it skipped, and exits 0. Each step has a timeout taken from
-# one overall deadline, so the whole check ends within the budget even when a step hangs.
+# Without a GPU it builds, checks that the kernels compile (the matrix row, and the tests' sm_90 and
+# gfx942 compilations) and that the commands below are well-formed, says which GPU steps it skipped,
+# and exits 0 when all of that passed. Each step has a timeout taken from one overall deadline, so
+# the whole check ends within the budget even when a step hangs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -111,6 +114,12 @@ step install 60 bash -c install_missing || STATUS=1
 step build 120 env MAX_JOBS="$(nproc)" python setup.py build_ext --inplace || {
   say "the build failed: nothing else can run"; exit 1; }
 
+# The compile matrix's row for this machine's Triton (the one its torch pins): every launch variant
+# for every target, on all cores (about 30 s on 16), before the GPU steps so that it always runs.
+say "triton here: $(python -c 'import triton; print(triton.__version__)' 2>&1 | tail -n 1)"
+step compile-matrix 60 python tools/triton_compile_matrix.py --installed --jobs "$(nproc)" \
+  --markdown "$OUT/compile-matrix.md" --json "$OUT/compile-matrix.json" || STATUS=1
+
 if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   GPU=1
 else
@@ -137,7 +146,7 @@ if (( GPU )); then
   step bench-roi 40 "${BENCH[@]}" --op roi --markdown "$OUT/bench-cuda-roi-float32.md" \
     --json "$OUT/bench-cuda-roi-float32.json" || STATUS=1
 else
-  # What runs without a GPU: the kernels compile for sm_90, and the commands above are well-formed.
+  # What runs without a GPU: the kernels compile for sm_90 and gfx942, and the commands above are well-formed.
   step compile-kernels 120 "${PYTEST[@]}" tests/test_ops_triton.py tests/test_roi_pool_triton.py \
     -k "compile_for_a_gpu or registered" || STATUS=1
   step tests-collect 60 "${PYTEST[@]}" -m cuda --collect-only tests/test_ops_triton.py tests/test_ops_cuda.py \

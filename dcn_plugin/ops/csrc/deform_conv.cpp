@@ -286,21 +286,50 @@ GridTensor grid_tensor(const at::Tensor& t) {
 
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                             c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
+using LinearHandle = c10::TypedOperatorHandle<LinearFn>;
 
-std::optional<c10::TypedOperatorHandle<LinearFn>> onednn_linear() {
-  const auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (!handle || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::nullopt;
-  return handle->typed<LinearFn>();
+// The op `name` if this torch has it with a CPU kernel and LinearFn's signature; nullptr otherwise.
+// mkldnn::_linear_pointwise is private to torch: a later torch may drop it or change its schema, and
+// then every float32 CPU call must fall back to at::mm rather than throw, so nothing here throws.
+const LinearHandle* find_linear(const std::string& name) {
+  try {
+    const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+    if (!handle || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return nullptr;
+    return new LinearHandle(handle->typed<LinearFn>());  // typed() throws on a signature mismatch
+  } catch (const std::exception&) {
+    return nullptr;
+  }
+}
+
+// The oneDNN op matmul_nt uses (nullptr: at::mm), looked up once; _use_onednn_linear replaces it.
+std::atomic<const LinearHandle*>& onednn_linear() {
+  static std::atomic<const LinearHandle*> handle{find_linear("mkldnn::_linear_pointwise")};
+  return handle;
+}
+
+// Test hook (dcn_plugin::_use_onednn_linear): looks `name` up as matmul_nt's oneDNN op, through the
+// same guarded look-up (so "" or an op of another signature forces the at::mm fallback); returns
+// whether it was found. Handles are never freed: a product on another thread may still hold one.
+bool use_onednn_linear(const std::string& name) {
+  const LinearHandle* handle = name.empty() ? nullptr : find_linear(name);
+  onednn_linear().store(handle);
+  return handle != nullptr;
 }
 
 // a @ b^T for a (M, K) and b (N, K). In float32 this is oneDNN's inner product where torch has it
 // (the primitive behind torch.compile's CPU linear): on the shapes of issue 12 it matches torch's
-// own convolution, where MKL's sgemm is 5-50% slower. MKL (at::mm) everywhere else.
+// own convolution, where MKL's sgemm is 5-50% slower. MKL (at::mm) everywhere else, and wherever the
+// oneDNN op is missing, has another signature or throws.
 at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b) {
-  static const auto onednn = onednn_linear();
+  const LinearHandle* onednn = onednn_linear().load();
   if (onednn && a.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 &&
       at::globalContext().userEnabledMkldnn()) {
-    return onednn->call(a.contiguous(), b, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+    try {
+      return onednn->call(a.contiguous(), b, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
+                          std::nullopt);
+    } catch (const std::exception&) {
+      // fall through to at::mm
+    }
   }
   return at::mm(a, b.t());
 }
@@ -772,6 +801,8 @@ TORCH_LIBRARY(dcn_plugin, m) {
       &check_arguments);
   m.def("_set_workspace_limit(int bytes) -> int", &set_workspace_limit);
   m.def("_workspace_limit() -> int", &workspace_limit);
+  // Test hook: which oneDNN op float32 CPU products use ("" or a wrong one: at::mm); returns whether found.
+  m.def("_use_onednn_linear(str name) -> bool", &use_onednn_linear);
 }
 
 }  // namespace dcn_plugin

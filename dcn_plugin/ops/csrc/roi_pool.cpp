@@ -133,13 +133,17 @@ RoiPoolProblem describe_deform_psroi_pool(const at::Tensor& input, const at::Ten
   return p;
 }
 
-at::Tensor roi_table(const RoiPoolProblem& p, const at::Tensor& rois_, at::ScalarType dtype) {
+at::Tensor roi_table(const RoiPoolProblem& p, const at::Tensor& rois_, at::ScalarType dtype, bool host_check) {
   const RoiPoolSpec& s = p.spec;
   const at::Tensor rois = rois_.to(dtype);
   const at::Tensor index = rois.select(1, 0);
   if (p.rois > 0) {
     const at::Tensor bad = (index < 0).logical_or(index >= p.batch).logical_or(index != at::trunc(index));
-    if (bad.any().item<bool>()) {
+    if (!host_check) {
+      const std::string message = std::string(p.op) + ": column 0 of rois must hold batch indices of the input, " +
+                                  "integers in [0, " + std::to_string(p.batch) + ")";
+      at::_assert_async(bad.logical_not().all(), message);
+    } else if (bad.any().item<bool>()) {
       const int64_t row = bad.to(at::kInt).argmax().item<int64_t>();
       TORCH_CHECK(false, p.op, ": rois[", row, ", 0] = ", rois_[row][0].item<double>(),
                   " is not a batch index of the input: column 0 of rois must hold integers in [0, ", p.batch,
@@ -173,14 +177,15 @@ at::Tensor roi_table(const RoiPoolProblem& p, const at::Tensor& rois_, at::Scala
 
 namespace {
 
-// For the Triton kernels: the op's checks, then its RoI table.
+// For the Triton kernels: the op's checks, then its RoI table, checked with a device-side assert (no
+// synchronisation on a GPU).
 at::Tensor deform_roi_pool_table(const at::Tensor& input, const at::Tensor& rois,
                                  const std::optional<at::Tensor>& offset, at::IntArrayRef output_size,
                                  double spatial_scale, int64_t sampling_ratio, double gamma,
                                  const std::optional<at::Tensor>& grad_output) {
   const RoiPoolProblem p =
       describe_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, grad_output);
-  return roi_table(p, rois, roi_compute_dtype(input.scalar_type()));
+  return roi_table(p, rois, roi_compute_dtype(input.scalar_type()), /*host_check=*/false);
 }
 
 at::Tensor deform_psroi_pool_table(const at::Tensor& input, const at::Tensor& rois,
@@ -191,7 +196,7 @@ at::Tensor deform_psroi_pool_table(const at::Tensor& input, const at::Tensor& ro
   const RoiPoolProblem p = describe_deform_psroi_pool(input, rois, offset, spatial_scale, output_dim, group_size,
                                                       pooled_size, part_size, sample_per_part, trans_std,
                                                       grad_output);
-  return roi_table(p, rois, roi_compute_dtype(input.scalar_type()));
+  return roi_table(p, rois, roi_compute_dtype(input.scalar_type()), /*host_check=*/false);
 }
 
 }  // namespace

@@ -91,8 +91,11 @@ inline at::ScalarType roi_compute_dtype(at::ScalarType dtype) {
 }
 
 // The (R, kRoiColumns) RoI table in the compute dtype, with ATen ops (any device). Checks that
-// every batch index is an integer in [0, batch), which reads the RoIs (a sync on a GPU).
-at::Tensor roi_table(const RoiPoolProblem& p, const at::Tensor& rois, at::ScalarType dtype);
+// every batch index is an integer in [0, batch): with `host_check` by reading the RoIs on the host,
+// which names the bad row (the CPU kernels); otherwise with a device-side assert
+// (at::_assert_async), which on a GPU never waits for the device, so that the Triton driver needs
+// no synchronisation and can be captured in a CUDA graph (on CPU tensors it raises at once).
+at::Tensor roi_table(const RoiPoolProblem& p, const at::Tensor& rois, at::ScalarType dtype, bool host_check = true);
 
 // One axis of a sample: RoIAlign's clamped bilinear interpolation. A position within `margin` of
 // [0, size - 1] is valid; it is clamped into that range and reads `low` and `high` with weights

@@ -13,12 +13,16 @@ GPU). Columns span the flattened ``(batch, grid point)`` range and are cut into 
 buffers fit the workspace limit (``dcn_plugin.ops.set_workspace_limit``), so any batch and image
 size runs in bounded memory and small images share one matrix product.
 
-dtypes: the kernel reads every tensor in its own dtype; columns, matrix products and all sums
-are in :func:`compute_dtype` (float32 for float16/bfloat16, as on the CPU). Half-type columns
-would let cuBLAS use bf16/fp16 tensor cores, but rounding every sampled value to the half type
-costs up to 2.1x the error of plain convolution in that dtype (measured under the interpreter on
-the tests' cases), over the project's bound of 2x; float32 GEMMs use TF32 tensor cores where the
-user allows it (``torch.backends.cuda.matmul.allow_tf32``).
+dtypes: columns are stored in the input's dtype, and the matrix products run in it: for
+float16/bfloat16 that is cuBLAS (hipBLAS on ROCm) on tensor cores with float32 accumulation, with
+half the column memory of float32 columns (torchvision and mmcv keep their columns in the input
+dtype too). Sampling positions, interpolation, the coordinate gradients and every sum across chunks
+or samples (the scatter onto the image, the weight gradient over chunks) are in
+:func:`accumulate_dtype` (float32, float64 for double). With each sample rounded to the half type,
+the error against float64 is at most 1.45x (float16) and 1.29x (bfloat16) that of plain convolution
+in the same dtype on the tests' cases (``tests/half_error_ratios.py``); the bound for half-type
+columns is 3x. float32 products use TF32 tensor cores where
+the user allows it (``torch.backends.cuda.matmul.allow_tf32``).
 
 These functions take the op's arguments, run the op's C++ argument checks first, and work on
 CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), which is
@@ -36,11 +40,12 @@ import torch
 from torch import Tensor
 
 from .geometry import Geometry
-from .kernels import Launch, partial_rows, sample
+from .kernels import Launch, column_stride, partial_rows, sample
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of columns, matrix products and sums, for tensors of ``dtype``."""
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of positions and of sums (scatter, coordinate gradients, weight gradient over
+    chunks) for tensors of ``dtype``; columns and matrix products stay in ``dtype`` itself."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -52,10 +57,9 @@ def workspace_limit() -> int:
 def chunk_width(g: Geometry, dtype: torch.dtype, column_buffers: int, coordinates: bool) -> int:
     """Columns per chunk, so that ``column_buffers`` column buffers (and the partial sums of the
     coordinate gradients) fit the workspace limit; at least one."""
-    itemsize = compute_dtype(dtype).itemsize
-    per_column = column_buffers * g.image_channels * g.kernel_points * itemsize
+    per_column = column_buffers * g.image_channels * g.kernel_points * dtype.itemsize
     if coordinates:
-        per_column += partial_rows(g) * g.kernel_points * (g.dims + 1) * itemsize
+        per_column += partial_rows(g) * g.kernel_points * (g.dims + 1) * accumulate_dtype(dtype).itemsize
     return max(1, workspace_limit() // max(per_column, 1))
 
 
@@ -117,8 +121,20 @@ def _checked_geometry(input: Tensor, weight: Tensor, offset: Optional[Tensor], m
 
 
 def _grouped_weight(weight: Tensor, g: Geometry) -> Tensor:
-    """``(groups, C_grid / groups, C_image / groups * K)`` in the compute dtype."""
-    return weight.to(compute_dtype(weight.dtype)).view(g.groups, g.grid_channels // g.groups, -1)
+    """``(groups, C_grid / groups, C_image / groups * K)``, a view of ``weight``."""
+    return weight.view(g.groups, g.grid_channels // g.groups, -1)
+
+
+def _column_buffer(like: Tensor, rows: int, width: int) -> Tensor:
+    """Room for ``rows`` rows of up to ``width`` columns (each row rounded up: :func:`_columns`), in
+    ``like``'s dtype."""
+    return like.new_empty(rows * column_stride(width))
+
+
+def _columns(buffer: Tensor, rows: int, n: int) -> Tensor:
+    """A ``(rows, n)`` view of ``buffer`` whose row stride is ``column_stride(n)`` (see kernels.py)."""
+    stride = column_stride(n)
+    return buffer[: rows * stride].view(rows, stride)[:, :n]
 
 
 def deform_conv(input: Tensor, weight: Tensor, offset: Optional[Tensor], mask: Optional[Tensor],
@@ -148,10 +164,10 @@ def _forward(g: Geometry, input: Tensor, w: Tensor, offset: Optional[Tensor], ma
     """``out = W @ im2col(input)``, a chunk of columns at a time."""
     rows, total = g.image_channels * g.kernel_points, g.batch * g.grid_points
     width = min(chunk_width(g, input.dtype, 1, False), max(total, 1))
-    buffer = w.new_empty(rows * width)
+    buffer = _column_buffer(w, rows, width)
     out = w.new_empty(g.grid_channels, total)
     for q0, n in _chunks(total, width):
-        columns = buffer[: rows * n].view(rows, n)
+        columns = _columns(buffer, rows, n)
         sample(Launch(g, q0, n, image=input, offset=offset, mask=mask, columns=columns,
                       wide_index=wide_index))
         out[:, q0:q0 + n] = torch.bmm(w, columns.view(g.groups, -1, n)).view(-1, n)
@@ -164,11 +180,11 @@ def _transposed_forward(g: Geometry, input: Tensor, w: Tensor, offset: Optional[
     alert_scatter("the output of the transposed op")
     rows, total = g.image_channels * g.kernel_points, g.batch * g.grid_points
     width = min(chunk_width(g, input.dtype, 1, False), max(total, 1))
-    buffer = w.new_empty(rows * width)
+    buffer = _column_buffer(w, rows, width)
     dense = _grid_major(input, w.dtype)
-    out = w.new_zeros(g.image_shape)
+    out = w.new_zeros(g.image_shape, dtype=accumulate_dtype(w.dtype))  # the scatter's sums
     for q0, n in _chunks(total, width):
-        grad_columns = buffer[: rows * n].view(g.groups, -1, n)
+        grad_columns = _columns(buffer, rows, n).view(g.groups, -1, n)
         torch.bmm(w.transpose(1, 2), dense[:, q0:q0 + n].view(g.groups, -1, n), out=grad_columns)
         sample(Launch(g, q0, n, offset=offset, mask=mask, grad_columns=grad_columns.view(rows, n),
                       grad_image=out, wide_index=wide_index))
@@ -214,9 +230,10 @@ class _Needs:
 class _Backward:
     """One call of the backward op: its buffers, the work on one chunk of columns, the gradients.
 
-    Gradients are accumulated in the compute dtype: weight ``(groups, C_grid / groups, rows / groups)``,
-    input as the image (scatter) or ``(C_grid, B * L)`` (transposed op), offset and mask
-    ``(channels, B * L)``."""
+    Columns and the products that make them are in the input's dtype. Sums are in the accumulation
+    dtype: weight ``(groups, C_grid / groups, rows / groups)`` (over chunks), the input gradient's
+    scatter onto the image, offset and mask ``(channels, B * L)``; the transposed op's input gradient
+    ``(C_grid, B * L)`` is one product per chunk, in the input's dtype."""
 
     def __init__(self, g: Geometry, need: _Needs, grad_output: Tensor, input: Tensor, weight: Tensor,
                  offset: Optional[Tensor], mask: Optional[Tensor], wide_index: Optional[bool]):
@@ -231,14 +248,16 @@ class _Backward:
         self.width = min(chunk_width(g, input.dtype, need.columns + need.grad_columns, need.coordinates),
                          max(self.total, 1))
         self.partial_size = partial_rows(g) * g.kernel_points * (g.dims + 1)
-        self.column_buffer = w.new_empty(self.rows * self.width) if need.columns else None
-        self.grad_column_buffer = w.new_empty(self.rows * self.width) if need.grad_columns else None
-        self.partial_buffer = w.new_empty(self.partial_size * self.width) if need.coordinates else None
-        self.grad_weight = torch.zeros_like(w) if need.weight else None
-        self.grad_image = w.new_zeros(g.image_shape) if need.scatter else None
+        acc = accumulate_dtype(w.dtype)
+        self.column_buffer = _column_buffer(w, self.rows, self.width) if need.columns else None
+        self.grad_column_buffer = _column_buffer(w, self.rows, self.width) if need.grad_columns else None
+        self.partial_buffer = (w.new_empty(self.partial_size * self.width, dtype=acc) if need.coordinates
+                               else None)
+        self.grad_weight = torch.zeros_like(w, dtype=acc) if need.weight else None
+        self.grad_image = w.new_zeros(g.image_shape, dtype=acc) if need.scatter else None
         self.grad_dense = w.new_empty(g.grid_channels, self.total) if need.dense_input else None
-        self.grad_offset = w.new_empty(g.offset_channels, self.total) if need.offset else None
-        self.grad_mask = w.new_empty(g.mask_channels, self.total) if need.mask else None
+        self.grad_offset = w.new_empty(g.offset_channels, self.total, dtype=acc) if need.offset else None
+        self.grad_mask = w.new_empty(g.mask_channels, self.total, dtype=acc) if need.mask else None
 
     def run(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         for q0, n in _chunks(self.total, self.width):
@@ -251,10 +270,10 @@ class _Backward:
         dense = self.dense[:, q0:q0 + n].view(g.groups, -1, n)
         grad_columns = columns = partial = None
         if need.grad_columns:
-            grad_columns = self.grad_column_buffer[: self.rows * n].view(g.groups, -1, n)
+            grad_columns = _columns(self.grad_column_buffer, self.rows, n).view(g.groups, -1, n)
             torch.bmm(w.transpose(1, 2), dense, out=grad_columns)
         if need.columns:
-            columns = self.column_buffer[: self.rows * n].view(g.groups, -1, n)
+            columns = _columns(self.column_buffer, self.rows, n).view(g.groups, -1, n)
         if need.coordinates:
             partial = self.partial_buffer[: self.partial_size * n]
         sample(Launch(g, q0, n, image=self.image if need.columns or need.coordinates else None,
@@ -264,7 +283,10 @@ class _Backward:
                       grad_image=self.grad_image, partial=partial, offset_grad=need.offset,
                       mask_grad=need.mask, wide_index=self.wide_index))
         if need.weight:
-            self.grad_weight.baddbmm_(dense, columns.transpose(1, 2))
+            if self.grad_weight.dtype == w.dtype:
+                self.grad_weight.baddbmm_(dense, columns.transpose(1, 2))
+            else:  # half types: the chunk's product on tensor cores, the sum over chunks in float32
+                self.grad_weight += torch.bmm(dense, columns.transpose(1, 2))
         if need.dense_input:
             self.grad_dense[:, q0:q0 + n] = torch.bmm(w, columns).view(-1, n)
         if need.coordinates:
@@ -301,5 +323,5 @@ def _add_up_partial_sums(g: Geometry, partial: Tensor, n: int, grad_offset: Opti
         grad_mask[:, q0:q0 + n] = per_group[:, :, dims].reshape(mg, groups // mg, k, n).sum(1).view(-1, n)
 
 
-__all__: List[str] = ["deform_conv", "deform_conv_backward", "compute_dtype", "chunk_width",
+__all__: List[str] = ["deform_conv", "deform_conv_backward", "accumulate_dtype", "chunk_width",
                       "workspace_limit"]

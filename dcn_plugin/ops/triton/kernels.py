@@ -43,8 +43,10 @@ def _axis(pos, size):
     touches = (pos > -1.0) & (pos < size)
     pos = tl.where(touches, pos, 0.0)
     low = tl.floor(pos)
-    low_index = low.to(tl.int32)
-    return low_index, pos - low, touches & (low_index >= 0), touches & (low_index + 1 < size)
+    # The neighbours' bounds are tested on `low` (a whole number), not on the integer index: with the
+    # index shared between these tests and the addresses, Triton 3.7.1's layout-conversion pass breaks
+    # the AMD build of some launches (fp64, 1d, scatter: "operand #0 does not dominate this use").
+    return low.to(tl.int32), pos - low, touches & (low >= 0.0), touches & (low < size - 1.0)
 
 
 @triton.jit
@@ -53,16 +55,19 @@ def _grid_coordinate(flat, size2, size1):
     return flat // (size2 * size1), flat // size2 % size1, flat % size2
 
 
+# column_stride is left out: the launcher rounds it up to a multiple of COLUMN_ALIGN, and Triton's
+# specialization on "divisible by 16" then lets the compiler vectorise the column loads and stores.
 _INTEGER_ARGUMENTS = [
-    "q0", "width", "column_stride", "channels", "per_offset_group", "per_mask_group", "tile_group_channels",
+    "q0", "width", "channels", "per_offset_group", "per_mask_group", "tile_group_channels",
     "tiles_per_group", "offset_channels", "mask_channels", "K", "L", "image0", "image1", "image2", "grid1",
     "grid2", "kernel1", "kernel2", "stride0", "stride1", "stride2", "pad0", "pad1", "pad2", "dil0", "dil1",
     "dil2",
 ]
 
 
-# Integers are not specialized (on being 1 or a multiple of 16): shapes change from call to call
-# (detectors see images of many sizes), and each specialization would be a compilation of its own.
+# Integers other than column_stride are not specialized (on being 1 or a multiple of 16): shapes
+# change from call to call (detectors see images of many sizes), and each specialization would be a
+# compilation of its own.
 @triton.jit(do_not_specialize=_INTEGER_ARGUMENTS)
 def sample_kernel(
     image, offset, mask, grad_columns, columns, grad_image, partial,
@@ -135,8 +140,9 @@ def sample_kernel(
 
     plane = (b[None, :] * channels + c[:, None]) * (image0 * image1 * image2)
     column_rows = (c[:, None] * K + k) * column_stride + j[None, :]
-    GATHER: tl.constexpr = COLUMNS or OFFSET_GRAD or MASK_GRAD
-    if SCATTER or OFFSET_GRAD or MASK_GRAD:
+    # Boolean chains are parenthesised in pairs: Triton 3.0-3.3 reject `A or B or C`.
+    GATHER: tl.constexpr = COLUMNS or (OFFSET_GRAD or MASK_GRAD)
+    if SCATTER or (OFFSET_GRAD or MASK_GRAD):
         grad = tl.load(grad_columns + column_rows, mask=ok, other=0.0).to(ACC)
     value = tl.zeros((BLOCK_C, BLOCK_Q), ACC)
     slope2 = tl.zeros((BLOCK_C, BLOCK_Q), ACC)
@@ -186,7 +192,10 @@ def sample_kernel(
                 if N >= 3:
                     slope0 += d0[None, :] * v
         if SCATTER:
-            tl.atomic_add(grad_image + where, (weight * modulation)[None, :] * grad, mask=corner_ok)
+            # relaxed: a pure scatter, nothing reads the sums before the kernel ends, so no ordering
+            # (the default acq_rel costs a fence per add, on AMD most of all)
+            tl.atomic_add(grad_image + where, (weight * modulation)[None, :] * grad, mask=corner_ok,
+                          sem="relaxed")
 
     if COLUMNS:
         tl.store(columns + column_rows, (value * modulation[None, :]).to(columns.dtype.element_ty), mask=ok)
@@ -213,8 +222,9 @@ class Launch:
     """One launch of :func:`sample_kernel` over the columns ``[q0, q0 + width)``.
 
     ``image`` ``(B, C, *image_size)``; ``offset``, ``mask`` as the op takes them (contiguous);
-    ``columns`` / ``grad_columns`` ``(C * K, width)`` (row stride ``stride(0)``), ``grad_image``
-    ``(B, C, *image_size)`` and ``partial`` ``(tiles, K, N + 1, width)``, all four in the compute dtype
+    ``columns`` / ``grad_columns`` ``(C * K, width)`` in the input's dtype (row stride ``stride(0)``,
+    a multiple of COLUMN_ALIGN where the compiler should vectorise), ``grad_image``
+    ``(B, C, *image_size)`` and ``partial`` ``(tiles, K, N + 1, width)`` in the accumulation dtype
     (float32, float64 for double). Tensors that are None are neither read nor written.
     """
 
@@ -234,11 +244,29 @@ class Launch:
 
 
 BLOCK_Q = 64
+# The row stride of column buffers (in elements) is a multiple of this: with it, Triton's "divisible
+# by 16" specialization of ``column_stride`` tells the compiler that each row of a tile starts on a
+# 16-element boundary, so column loads and stores can be vector instructions.
+COLUMN_ALIGN = 16
+# Fused multiply-adds in the interpolation and the sums, passed explicitly at every launch: Triton 3.9
+# warns when neither this nor TRITON_DEFAULT_FP_FUSION says it, and its default turns off in 3.10.
+FP_FUSION = True
+
+
+def column_stride(width: int) -> int:
+    """The row stride of a column buffer of ``width`` columns: ``width`` rounded up to COLUMN_ALIGN."""
+    return triton.cdiv(max(width, 1), COLUMN_ALIGN) * COLUMN_ALIGN
 
 
 def block_channels(geometry: Geometry) -> int:
     """Channels per program: a power of two up to 16, no more than a tile group holds."""
     return min(16, triton.next_power_of_2(max(geometry.tile_group_channels, 1)))
+
+
+def sample_warps(block_c: int) -> int:
+    """Warps per program of :func:`sample_kernel`: one per 256 elements of its ``(BLOCK_C, BLOCK_Q)``
+    tile (8 per thread), 1 to 4, so that small channel tiles do not leave most threads idle."""
+    return max(1, min(4, block_c * BLOCK_Q // 256))
 
 
 def partial_rows(geometry: Geometry) -> int:
@@ -294,5 +322,5 @@ def sample(launch: Launch) -> None:
         N=g.dims, HAS_OFFSET=launch.offset is not None, HAS_MASK=launch.mask is not None,
         COLUMNS=launch.columns is not None, SCATTER=launch.grad_image is not None,
         OFFSET_GRAD=launch.offset_grad, MASK_GRAD=launch.mask_grad, ACC=acc, WIDE=wide,
-        BLOCK_C=block_c, BLOCK_Q=BLOCK_Q,
+        BLOCK_C=block_c, BLOCK_Q=BLOCK_Q, num_warps=sample_warps(block_c), enable_fp_fusion=FP_FUSION,
     )

@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .driver import _device_of, alert_scatter
+from .kernels import FP_FUSION
 
 
 @triton.jit
@@ -153,10 +154,11 @@ def roi_pool_kernel(
                     slope_y += dy * (wx_low * (v_hl - v_ll) + wx_high * (v_hh - v_lh))
             if INPUT_GRAD:
                 g = grad * inverse
-                tl.atomic_add(grad_input + ll, g * (wy_low * wx_low), mask=ok)
-                tl.atomic_add(grad_input + lh, g * (wy_low * wx_high), mask=ok)
-                tl.atomic_add(grad_input + hl, g * (wy_high * wx_low), mask=ok)
-                tl.atomic_add(grad_input + hh, g * (wy_high * wx_high), mask=ok)
+                # relaxed: a pure scatter (see kernels.py)
+                tl.atomic_add(grad_input + ll, g * (wy_low * wx_low), mask=ok, sem="relaxed")
+                tl.atomic_add(grad_input + lh, g * (wy_low * wx_high), mask=ok, sem="relaxed")
+                tl.atomic_add(grad_input + hl, g * (wy_high * wx_low), mask=ok, sem="relaxed")
+                tl.atomic_add(grad_input + hh, g * (wy_high * wx_high), mask=ok, sem="relaxed")
     if FORWARD:
         tl.store(output + (r * channels + c) * bins + q, (value * inverse).to(output.dtype.element_ty),
                  mask=channel_ok)
@@ -191,8 +193,11 @@ class RoiPoolSpec:
         if self.parts == self.pooled:
             return None
         (ph, pw), (qh, qw) = self.pooled, self.parts
-        index = [(i * qh // ph) * qw + j * qw // pw for i in range(ph) for j in range(pw)]
-        return torch.nn.functional.one_hot(torch.tensor(index), qh * qw).to(device, dtype)
+        # built on the device (no copy from the host): part of bin (i, j) = (i * qh // ph) * qw + j * qw // pw
+        rows = torch.arange(ph, device=device) * qh // ph
+        cols = torch.arange(pw, device=device) * qw // pw
+        index = (rows[:, None] * qw + cols[None, :]).reshape(-1)
+        return (index[:, None] == torch.arange(qh * qw, device=device)[None, :]).to(dtype)
 
 
 def _mmcv_spec(input: Tensor, output_size: Sequence[int], gamma: float) -> RoiPoolSpec:
@@ -218,6 +223,12 @@ def _channels_last(spec: RoiPoolSpec, input: Tensor) -> Tensor:
 
 def _block_channels(spec: RoiPoolSpec) -> int:
     return min(64, triton.next_power_of_2(max(spec.channels // spec.classes, 1)))
+
+
+def _warps(block_c: int) -> int:
+    """Warps per program: the tile is one vector of ``block_c`` channels, one per thread, so one warp
+    up to 32 channels and two for 64 (Triton's default of 4 would leave half the threads or more idle)."""
+    return max(1, min(4, block_c // 32))
 
 
 def _launch(spec: RoiPoolSpec, input_cl: Tensor, table: Tensor, offset: Optional[Tensor], *,
@@ -246,6 +257,7 @@ def _launch(spec: RoiPoolSpec, input_cl: Tensor, table: Tensor, offset: Optional
         ALIGN=spec.align, MARGIN=spec.margin, COUNT_VALID=spec.count_valid, HAS_OFFSET=offset is not None,
         FORWARD=output is not None, INPUT_GRAD=grad_input is not None, OFFSET_GRAD=partial is not None,
         ACC=tl.float64 if table.dtype == torch.float64 else tl.float32, BLOCK_C=block,
+        num_warps=_warps(block), enable_fp_fusion=FP_FUSION,
     )
 
 
