@@ -22,6 +22,18 @@ fi
 python -m pip install -q mmengine==0.10.7 mmcv-lite==2.2.0 pycocotools
 # Deployment (the deploy extra): ONNX export and onnxruntime, exact pins (none of them pulls torch).
 python -m pip install -q onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
-MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation --no-deps -e .
+# The compiled ops are rebuilt only when their sources, the build script or torch changed since this
+# tree's last build (the stamp records them), or when dcn_plugin does not import from this tree.
+stamp=build/.dcn_plugin-build-stamp
+fingerprint=$({ python -c "import torch; print(torch.__version__, torch.__file__)"
+  find setup.py pyproject.toml dcn_plugin/ops/csrc -type f -print0 | sort -z | xargs -0 sha256sum; } | sha256sum)
+here=$(pwd)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fingerprint" ] && (cd / && python -c "import os, sys, dcn_plugin
+sys.exit(not (dcn_plugin.has_ops() and os.path.dirname(dcn_plugin.__file__) == sys.argv[1]))" "$here/dcn_plugin"); then
+  echo "dcn_plugin: compiled ops up to date with their sources and torch, not rebuilt"
+else
+  MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation --no-deps -e .
+  mkdir -p build && echo "$fingerprint" > "$stamp"
+fi
 python -c "import dcn_plugin; assert dcn_plugin.has_ops(); print('dcn_plugin', dcn_plugin.__version__, \
 'built against torch', __import__('torch').__version__, '| runs on CUDA (Triton kernels):', dcn_plugin.with_cuda())"
