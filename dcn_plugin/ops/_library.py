@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from .shapes import conv_output_size
+from .shapes import deform_conv_output_shape
 
 _LOAD_ERROR: Optional[BaseException] = None
 try:
@@ -81,27 +81,6 @@ def set_workspace_limit(num_bytes: int) -> int:
     return int(torch.ops.dcn_plugin._set_workspace_limit(int(num_bytes)))
 
 
-def _output_shape(
-    input: Tensor,
-    weight: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    transposed: bool,
-    output_padding: Sequence[int],
-    groups: int,
-) -> List[int]:
-    n = weight.dim() - 2
-    kernel = weight.shape[2:]
-    out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
-    spatial = [
-        conv_output_size(input.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], transposed,
-                         output_padding[d])
-        for d in range(n)
-    ]
-    return [input.shape[0], out_channels, *spatial]
-
-
 def _owning(t: Tensor) -> Tensor:
     """``t`` as a tensor of its own (the same memory, no copy) when it is a view of a buffer: autograd
     forbids in-place changes of a custom op's outputs that are views, such as a ``ReLU(inplace=True)``
@@ -142,7 +121,8 @@ if _C is not None:
     def _deform_conv_fake(input, weight, offset, mask, bias, stride, padding, dilation, transposed,
                           output_padding, groups):
         torch._check(input.dim() == weight.dim(), lambda: "input and weight must have the same rank")
-        shape = _output_shape(input, weight, stride, padding, dilation, transposed, output_padding, groups)
+        shape = deform_conv_output_shape(input.shape, weight.shape, stride, padding, dilation, transposed,
+                                         output_padding, groups)
         return torch.empty(shape, dtype=input.dtype, device=input.device,
                            memory_format=_output_format(input, weight))
 

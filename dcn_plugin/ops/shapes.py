@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
-__all__ = ["conv_output_size", "DeformConvShape"]
+__all__ = ["conv_output_size", "deform_conv_output_shape", "DeformConvShape"]
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -24,6 +24,19 @@ def conv_output_size(in_size: int, kernel: int, stride: int = 1, padding: int = 
     if transposed:
         return (in_size - 1) * stride - 2 * padding + span + output_padding + 1
     return (in_size + 2 * padding - span - 1) // stride + 1
+
+
+def deform_conv_output_shape(input_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
+                             padding: Sequence[int], dilation: Sequence[int], transposed: bool,
+                             output_padding: Sequence[int], groups: int) -> List[int]:
+    """``[B, C_out, *out]`` of ``deform_conv`` for a batched input ``(B, C_in, *in)`` and a weight
+    ``(C_out, C_in / groups, *k)`` (transposed: ``(C_in, C_out / groups, *k)``)."""
+    n = len(weight_shape) - 2
+    kernel = weight_shape[2:]
+    out_channels = weight_shape[1] * groups if transposed else weight_shape[0]
+    spatial = [conv_output_size(input_shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], transposed,
+                                output_padding[d]) for d in range(n)]
+    return [input_shape[0], out_channels, *spatial]
 
 
 def _ntuple(value: IntOrTuple, n: int) -> Tuple[int, ...]:

@@ -79,7 +79,7 @@ def alert_scatter(what: str, op: str = "dcn_plugin::deform_conv",
         raise RuntimeError(message)
 
 
-def _device_of(t: Tensor):
+def device_guard(t: Tensor):
     """Makes ``t``'s GPU the current one (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -150,7 +150,7 @@ def deform_conv(input: Tensor, weight: Tensor, offset: Optional[Tensor], mask: O
     """
     params = (stride, padding, dilation, transposed, output_padding, groups)
     g = _checked_geometry(input, weight, offset, mask, bias, params, None)
-    with _device_of(input):
+    with device_guard(input):
         run = _transposed_forward if transposed else _forward
         out = run(g, input.contiguous(), _grouped_weight(weight.contiguous(), g), _contiguous(offset),
                   _contiguous(mask), wide_index)
@@ -207,7 +207,7 @@ def deform_conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, off
                   output_mask[3] and mask is not None, transposed)
     if not (need.input or need.weight or need.offset or need.mask):
         return tuple(input.new_empty((0,)) for _ in range(4))
-    with _device_of(input):
+    with device_guard(input):
         backward = _Backward(g, need, grad_output.contiguous(), input.contiguous(), weight.contiguous(),
                              _contiguous(offset), _contiguous(mask), wide_index)
         return backward.run()

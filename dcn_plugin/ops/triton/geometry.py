@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 
 from torch import Tensor
 
-from .._library import _output_shape
+from ..shapes import deform_conv_output_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +41,8 @@ class Geometry:
         """The geometry of arguments that the op's C++ checks have accepted."""
         n = weight.dim() - 2
         k = math.prod(weight.shape[2:])
-        output_shape = tuple(_output_shape(input, weight, stride, padding, dilation, transposed,
-                                           output_padding, groups))
+        output_shape = tuple(deform_conv_output_shape(input.shape, weight.shape, stride, padding, dilation,
+                                                      transposed, output_padding, groups))
         in_size, out_size = tuple(input.shape[2:]), output_shape[2:]
         in_channels, out_channels = input.shape[1], output_shape[1]
         return Geometry(

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .driver import _device_of, alert_scatter
+from .driver import alert_scatter, device_guard
 from .kernels import FP_FUSION
 
 
@@ -263,7 +263,7 @@ def _launch(spec: RoiPoolSpec, input_cl: Tensor, table: Tensor, offset: Optional
 
 def _forward(spec: RoiPoolSpec, input: Tensor, table: Tensor, offset: Optional[Tensor]) -> Tensor:
     output = input.new_empty(table.shape[0], spec.channels, *spec.pooled)
-    with _device_of(input):
+    with device_guard(input):
         _launch(spec, _channels_last(spec, input), table, None if offset is None else offset.contiguous(),
                 output=output)
     return output
@@ -284,7 +284,7 @@ def _backward(spec: RoiPoolSpec, grad_output: Tensor, input: Tensor, table: Tens
     tiles = triton.cdiv(spec.channels // spec.classes, _block_channels(spec)) if spec.channels else 0
     scatter = input.new_zeros(batch, height, width, groups, spec.channels, dtype=acc) if need_input else None
     partial = input.new_zeros(spec.classes * tiles, rois * spec.bins, 2, dtype=acc) if need_offset else None
-    with _device_of(input):
+    with device_guard(input):
         _launch(spec, input_cl, table, None if offset is None else offset.contiguous(),
                 grad_output=grad_output.contiguous(), grad_input=scatter, partial=partial)
     if need_input:
