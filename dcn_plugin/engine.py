@@ -80,21 +80,25 @@ def load_config(args: argparse.Namespace) -> Config:
 class NumClassCheckHook(Hook):
     """Fails a run whose detector head predicts a different number of classes than its dataset has.
 
-    Checks ``model.bbox_head.num_classes`` against ``len(dataset.metainfo['classes'])`` of the
-    train, val and test datasets before each loop starts. Models without a ``bbox_head`` pass.
+    Checks ``model.bbox_head.num_classes`` (two-stage detectors: ``model.roi_head.bbox_head``)
+    against ``len(dataset.metainfo['classes'])`` of the train, val and test datasets before each
+    loop starts. Models without a box head pass.
     """
 
     def _check(self, runner, split: str) -> None:
         model = runner.model.module if hasattr(runner.model, "module") else runner.model
-        num_classes = getattr(getattr(model, "bbox_head", None), "num_classes", None)
+        key, head = "model.bbox_head", getattr(model, "bbox_head", None)
+        if head is None and hasattr(model, "roi_head"):
+            key, head = "model.roi_head.bbox_head", getattr(model.roi_head, "bbox_head", None)
+        num_classes = getattr(head, "num_classes", None)
         loader = getattr(runner, f"{split}_dataloader")
         classes = getattr(loader.dataset, "metainfo", {}).get("classes")
         if num_classes is None or classes is None or num_classes == len(classes):
             return
         raise ValueError(
-            f"model.bbox_head.num_classes is {num_classes}, but the {split} dataset "
+            f"{key}.num_classes is {num_classes}, but the {split} dataset "
             f"({type(loader.dataset).__name__}) has {len(classes)} classes {tuple(classes)}: set "
-            f"model.bbox_head.num_classes={len(classes)}, or {split}_dataloader.dataset.metainfo="
+            f"{key}.num_classes={len(classes)}, or {split}_dataloader.dataset.metainfo="
             f"dict(classes=...) to the {num_classes} classes the head should predict"
         )
 

@@ -10,7 +10,14 @@ from extras import require_detector  # noqa: E402
 require_detector()
 
 from dcn_plugin.models.bbox import batched_nms, bbox_overlaps, distance2bbox, nms  # noqa: E402
-from dcn_plugin.models.losses import CrossEntropyLoss, FocalLoss, GIoULoss, IoULoss  # noqa: E402
+from dcn_plugin.models.losses import (  # noqa: E402
+    CrossEntropyLoss,
+    FocalLoss,
+    GIoULoss,
+    IoULoss,
+    L1Loss,
+    SmoothL1Loss,
+)
 
 
 def py_iou(a, b):
@@ -117,7 +124,22 @@ def test_iou_losses():
         2.0 * (1 - 50 / 150) / 2.0, rel=1e-5)
     logits, targets = torch.tensor([0.3, -1.2]), torch.tensor([0.7, 0.1])
     expected = -(targets * torch.sigmoid(logits).log() + (1 - targets) * (1 - torch.sigmoid(logits)).log())
-    assert CrossEntropyLoss()(logits, targets).item() == pytest.approx(expected.mean().item(), rel=1e-6)
+    assert CrossEntropyLoss(use_sigmoid=True)(logits, targets).item() == pytest.approx(expected.mean().item(),
+                                                                                        rel=1e-6)
+
+
+def test_softmax_cross_entropy_l1_smooth_l1():
+    logits, labels = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]]), torch.tensor([0, 1])
+    by_hand = [-(2.0 - torch.tensor([2.0, 0.5, -1.0]).exp().sum().log()), -(0.0 - torch.tensor([0.0, 0.0, 3.0])
+                                                                          .exp().sum().log())]
+    weight = torch.tensor([1.0, 0.5])
+    expected = (by_hand[0] * 1.0 + by_hand[1] * 0.5) / 4.0
+    assert CrossEntropyLoss()(logits, labels, weight, avg_factor=4.0).item() == pytest.approx(expected.item(),
+                                                                                             rel=1e-6)
+    pred, target = torch.tensor([[0.0, 1.0], [3.0, -2.0]]), torch.tensor([[0.5, 1.0], [1.0, -2.0]])
+    assert L1Loss(loss_weight=2.0)(pred, target).item() == pytest.approx(2.0 * (0.5 + 2.0) / 4)
+    # |d| = 0.5 < beta: 0.5 * 0.25 / 1; |d| = 2 >= beta: 2 - 0.5.
+    assert SmoothL1Loss(beta=1.0)(pred, target, avg_factor=1.0).item() == pytest.approx(0.125 + 1.5, rel=1e-6)
 
 
 @pytest.mark.parametrize("bad", [dict(mode="square")])

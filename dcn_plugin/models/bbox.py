@@ -1,6 +1,7 @@
 """Box helpers written with torch ops: pairwise IoU, distance decoding, clipping, class-aware NMS.
 
-Boxes are ``(..., 4)`` tensors ``x1, y1, x2, y2``.
+Boxes are ``(..., 4)`` tensors ``x1, y1, x2, y2``. ``box_area``, ``bbox_overlaps`` and
+``nms`` are those of ``dcn_plugin.ops.boxes`` (NMS: a C++ kernel on the CPU).
 
 ``multiclass_nms`` is a torch op (``torch.ops.dcn_plugin.multiclass_nms``) with the semantics of
 ONNX's ``NonMaxSuppression``, computed here with :func:`batched_nms`; the ONNX export of a detector
@@ -13,40 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops.boxes import bbox_overlaps, box_area, nms
+
 __all__ = ["box_area", "bbox_overlaps", "distance2bbox", "clip_boxes", "nms", "batched_nms",
            "multiclass_nms"]
-
-
-def box_area(boxes: Tensor) -> Tensor:
-    """(..., 4) -> (...), zero for degenerate boxes."""
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
-
-
-def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, mode: str = "iou", is_aligned: bool = False,
-                  eps: float = 1e-6) -> Tensor:
-    """IoU or GIoU between boxes.
-
-    Args:
-        boxes1: (N, 4); boxes2: (M, 4), or (N, 4) when ``is_aligned``.
-        mode: ``'iou'`` or ``'giou'``.
-    Returns:
-        (N, M), or (N,) when ``is_aligned``.
-    """
-    if mode not in ("iou", "giou"):
-        raise ValueError(f"bbox_overlaps: mode must be 'iou' or 'giou', got {mode!r}")
-    if not is_aligned:
-        boxes1, boxes2 = boxes1[:, None, :], boxes2[None, :, :]
-    area1, area2 = box_area(boxes1), box_area(boxes2)
-    top_left = torch.maximum(boxes1[..., :2], boxes2[..., :2])
-    bottom_right = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
-    overlap = (bottom_right - top_left).clamp(min=0).prod(-1)
-    union = (area1 + area2 - overlap).clamp(min=eps)
-    iou = overlap / union
-    if mode == "iou":
-        return iou
-    enclose = (torch.maximum(boxes1[..., 2:], boxes2[..., 2:])
-               - torch.minimum(boxes1[..., :2], boxes2[..., :2])).clamp(min=0).prod(-1).clamp(min=eps)
-    return iou - (enclose - union) / enclose
 
 
 def distance2bbox(points: Tensor, distance: Tensor, max_shape: tuple[int, int] | None = None) -> Tensor:
@@ -74,28 +45,6 @@ def clip_boxes(boxes: Tensor, shapes: Tensor) -> Tensor:
                         torch.minimum(boxes[..., 1].maximum(zero), height),
                         torch.minimum(boxes[..., 2].maximum(zero), width),
                         torch.minimum(boxes[..., 3].maximum(zero), height)], -1)
-
-
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy non-maximum suppression.
-
-    Args:
-        boxes: (N, 4); scores: (N,).
-    Returns:
-        int64 indices of the kept boxes, by decreasing score.
-    """
-    order = scores.argsort(descending=True, stable=True)
-    if order.numel() == 0:
-        return order
-    boxes = boxes[order]
-    # Pairwise "i suppresses j" for i ranked above j, then one pass in rank order: a box is kept
-    # when no kept box above it suppresses it. The pass runs on the host, the matrix anywhere.
-    suppresses = (bbox_overlaps(boxes, boxes) > iou_threshold).triu_(diagonal=1).cpu()
-    keep = torch.ones(order.numel(), dtype=torch.bool)
-    for i in range(order.numel()):
-        if keep[i]:
-            keep[i + 1:] &= ~suppresses[i, i + 1:]
-    return order[keep.to(order.device)]
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float,

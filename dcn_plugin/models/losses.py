@@ -1,4 +1,4 @@
-"""Detection losses (mmdet's names and arguments): focal, (G)IoU and binary cross-entropy.
+"""Detection losses (mmdet's names and arguments): focal, (G)IoU, cross-entropy, L1 and smooth L1.
 
 Every loss is called as ``loss(pred, target, weight=None, avg_factor=None)`` and returns
 ``loss_weight * sum(elementwise * weight) / avg_factor`` (the mean when ``avg_factor`` is None).
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..registry import MODELS
 from .bbox import bbox_overlaps
 
-__all__ = ["FocalLoss", "IoULoss", "GIoULoss", "CrossEntropyLoss"]
+__all__ = ["FocalLoss", "IoULoss", "GIoULoss", "CrossEntropyLoss", "L1Loss", "SmoothL1Loss"]
 
 
 def _reduce(loss: Tensor, weight: Tensor | None, avg_factor: float | Tensor | None) -> Tensor:
@@ -92,12 +92,40 @@ class GIoULoss(_Loss):
 
 @MODELS.register_module()
 class CrossEntropyLoss(_Loss):
-    """Binary cross-entropy on logits (``use_sigmoid=True``), e.g. FCOS's centerness."""
+    """Cross-entropy on logits.
 
-    def __init__(self, use_sigmoid: bool = True, loss_weight: float = 1.0):
+    ``use_sigmoid=True``: binary, ``pred`` and ``target`` of one shape (e.g. FCOS's centerness, the
+    RPN's objectness). ``use_sigmoid=False``: softmax over ``pred`` (N, C) against labels (N,).
+    """
+
+    def __init__(self, use_sigmoid: bool = False, loss_weight: float = 1.0):
         super().__init__(loss_weight)
-        if not use_sigmoid:
-            raise ValueError("CrossEntropyLoss: only use_sigmoid=True is supported")
+        self.use_sigmoid = use_sigmoid
 
     def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
-        return F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype), reduction="none")
+        if self.use_sigmoid:
+            return F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype), reduction="none")
+        return F.cross_entropy(pred, target.long(), reduction="none")
+
+
+@MODELS.register_module()
+class L1Loss(_Loss):
+    """``|pred - target|`` elementwise (e.g. box deltas (N, 4))."""
+
+    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
+        return (pred - target).abs()
+
+
+@MODELS.register_module()
+class SmoothL1Loss(_Loss):
+    """Huber-style L1: ``0.5 * d^2 / beta`` below ``beta``, ``d - 0.5 * beta`` above."""
+
+    def __init__(self, beta: float = 1.0, loss_weight: float = 1.0):
+        super().__init__(loss_weight)
+        if beta <= 0:
+            raise ValueError(f"SmoothL1Loss: beta must be positive, got {beta}")
+        self.beta = float(beta)
+
+    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
+        diff = (pred - target).abs()
+        return torch.where(diff < self.beta, 0.5 * diff * diff / self.beta, diff - 0.5 * self.beta)

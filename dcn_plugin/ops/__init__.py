@@ -1,12 +1,13 @@
 """Deformable convolution ops for plain PyTorch users (no mmengine or mmcv needed).
 
 Functional: ``deform_conv{1,2,3}d``, ``deform_conv_transpose{1,2,3}d``, ``mask_softmax{1,2,3}d``,
-``mask_sigmoid``, ``deform_roi_pool``, ``deform_psroi_pool``. Modules: ``DeformConv{1,2,3}d``,
+``mask_sigmoid``, ``deform_roi_pool``, ``deform_psroi_pool``, ``nms``. Modules: ``DeformConv{1,2,3}d``,
 ``DeformConvTranspose{1,2,3}d``, ``PackedDeformConv{1,2,3}d``, ``PackedDeformConvTranspose{1,2,3}d``,
 ``DeformRoIPool``, ``DeformRoIPoolPack``, ``ModulatedDeformRoIPoolPack``, ``DeformablePSRoIPooling``.
 """
 
 from ._library import has_ops, set_workspace_limit, with_cuda
+from .boxes import nms
 from .functional import (
     deform_conv,
     deform_conv1d,
@@ -43,6 +44,7 @@ from .modules import (
 )
 
 __all__ = [
+    "nms",
     "has_ops",
     "with_cuda",
     "set_workspace_limit",
