@@ -15,6 +15,8 @@ from mmengine.config import Config  # noqa: E402
 import dcn_plugin.models  # noqa: E402,F401
 from dcn_plugin.datasets.shapes import CLASSES  # noqa: E402
 from dcn_plugin.layers import LAYERS  # noqa: E402
+from dcn_plugin.models.roi_heads import PSRoIBBoxHead  # noqa: E402
+from dcn_plugin.ops import DeformRoIPoolPack  # noqa: E402
 from dcn_plugin.registry import MODELS  # noqa: E402
 from dcn_plugin.structures import DetDataSample, InstanceData  # noqa: E402
 
@@ -46,7 +48,9 @@ def batch(num_images=2, size=(96, 128), seed=0):
 
 @pytest.mark.parametrize("config", sorted(glob.glob(osp.join(QUICK, "*.py"))), ids=osp.basename)
 def test_quickstart_heads_predict_every_bundled_class(config):
-    assert Config.fromfile(config).model.bbox_head.num_classes == len(CLASSES) == 6
+    model = Config.fromfile(config).model
+    head = model.bbox_head if "bbox_head" in model else model.roi_head.bbox_head
+    assert head.num_classes == len(CLASSES) == 6
 
 
 def test_loss_predict_tensor_modes():
@@ -130,9 +134,13 @@ def test_every_config_builds():
     configs = sorted(glob.glob(osp.join(ROOT, "configs", "**", "*.py"), recursive=True))
     # configs/mmdet/ holds configs for mmdetection itself (tests/test_mmdet_compat.py builds them)
     configs = [c for c in configs if "_base_" not in c and f"{os.sep}mmdet{os.sep}" not in c]
-    assert len(configs) >= 7
+    assert len(configs) >= 19
     for path in configs:
         cfg = Config.fromfile(path)
         model = MODELS.build(cfg.model)  # builds; pretrained weights are only loaded by init_weights
-        dcn_in_name = "dcn" in osp.basename(path)
-        assert dcn_in_name == any(isinstance(m, DEFORMABLE) for m in model.modules()), path
+        name = osp.basename(path)
+        # Names say what is deformable: "dcn"/"dconv" the convolutions, "dpool"/"dpsroi" the RoI pooling.
+        assert ("dcn" in name or "dconv" in name) == any(isinstance(m, DEFORMABLE) for m in model.modules()), path
+        roi_layers = [m for m in model.modules() if isinstance(m, (DeformRoIPoolPack, PSRoIBBoxHead))]
+        deformable_pooling = any(not getattr(m, "no_trans", False) for m in roi_layers)
+        assert ("dpool" in name or "dpsroi" in name) == deformable_pooling, path

@@ -59,7 +59,7 @@ model = dict(
                           match_low_quality=True),
             sampler=dict(type="RandomSampler", num=256, pos_fraction=0.5, neg_pos_ub=-1, add_gt_as_proposals=False),
         ),
-        rpn_proposal=dict(nms_pre=1000, max_per_img=300, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
+        rpn_proposal=dict(nms_pre=500, max_per_img=300, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
         rcnn=dict(
             assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
                           match_low_quality=False),
@@ -67,7 +67,7 @@ model = dict(
         ),
     ),
     test_cfg=dict(
-        rpn=dict(nms_pre=1000, max_per_img=300, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
+        rpn=dict(nms_pre=500, max_per_img=300, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
         rcnn=dict(score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100),
     ),
 )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
+from mmcv.cnn import ConvModule
 from mmengine.model import BaseModule
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
@@ -59,11 +61,12 @@ class RPNHead(BaseModule):
         if len(set(anchors)) != 1:
             raise ValueError(f"RPNHead: every level must have the same number of anchors per cell, got {anchors}")
         self.num_anchors = anchors[0]
-        convs = []
-        for i in range(num_convs):
-            convs += [nn.Conv2d(in_channels if i == 0 else feat_channels, feat_channels, 3, padding=1),
-                      nn.ReLU(inplace=True)]
-        self.rpn_conv = nn.Sequential(*convs)
+        # mmdet's layout, so that its checkpoints load: one conv, or a stack of ConvModules.
+        if num_convs == 1:
+            self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+        else:
+            self.rpn_conv = nn.Sequential(*(ConvModule(in_channels if i == 0 else feat_channels, feat_channels, 3,
+                                                       padding=1, inplace=False) for i in range(num_convs)))
         self.rpn_cls = nn.Conv2d(feat_channels, self.num_anchors, 1)
         self.rpn_reg = nn.Conv2d(feat_channels, self.num_anchors * 4, 1)
 
@@ -74,7 +77,7 @@ class RPNHead(BaseModule):
                              f"{self.anchor_generator.num_levels}")
         scores, deltas = [], []
         for feat in feats:
-            x = self.rpn_conv(feat)
+            x = F.relu(self.rpn_conv(feat))
             scores.append(self.rpn_cls(x))
             deltas.append(self.rpn_reg(x))
         return scores, deltas
