@@ -658,7 +658,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(
         description="Draw the sampling points of a detector's last deformable layers traced back to "
-                    "image pixels, beside a plain convolution's regular grid (Dai et al. 2017, Fig. 5-6)")
+                    "image pixels, beside a plain convolution's regular grid (Dai et al. 2017, Fig. 5-6); "
+                    "with --roi, the bins of its deformable RoI pooling before and after their offsets "
+                    "(Fig. 7)")
     parser.add_argument("config", help="model config file")
     parser.add_argument("checkpoint", help="checkpoint file")
     parser.add_argument("image", help="image file (e.g. a val image)")
@@ -735,7 +737,8 @@ def main(argv=None) -> dict:
         return run_roi(args, model, cfg, image_bgr)
     layers = deformable_layers(model)
     if not layers:
-        raise ValueError(f"{args.config}: the model's backbone has no 2d deformable layer to trace")
+        raise ValueError(f"{args.config}: the model's backbone has no 2d deformable layer to trace (for "
+                         "deformable RoI pooling, pass --roi)")
 
     data = prepare_inputs(cfg, args.image)
     with torch.no_grad(), record_inputs(layers) as records:
