@@ -2,6 +2,8 @@
 
     python tools/visualize_offsets.py CONFIG CHECKPOINT IMAGE --out FILE.png
         [--points "x,y;x,y"] [--levels 3] [--topk 3] [--cfg-options k=v ...]
+    python tools/visualize_offsets.py CONFIG CHECKPOINT IMAGE --out FILE.png --roi
+        [--topk 3] [--cfg-options k=v ...]
 
 The picture of Dai et al. 2017 ("Deformable Convolutional Networks", Fig. 5-6): for a few chosen
 locations of the image (one row each), the sampling points of the last ``--levels`` deformable
@@ -27,6 +29,27 @@ the first traced layer. The same tracing with zero offsets gives the regular gri
 Coordinates here are ``(x, y)`` pairs of pixel indices (pixel ``i`` covers ``[i - 0.5, i + 0.5]``);
 original-image and network-input pixels convert through the pipeline's ``scale_factor``
 ``(w_scale, h_scale)`` with the same centre rule.
+
+Deformable RoI pooling (``--roi``; the paper's Fig. 7). For the ``--topk`` highest-scoring
+detections of the image (one row each), the ``k x k`` bins the layer divides the box into (left),
+beside the same bins moved by their learned offsets (right; for modulated pooling a bin's alpha
+grows with its mask). The detection boxes, in network-input pixels, are pooled again as RoIs
+(not the proposals they were refined from). When no detection passes ``test_cfg.rcnn.score_thr``
+(an untrained model), the tool says so and uses the RPN's ``--topk`` best proposals instead, with
+the RoI head's best object class. The layers:
+
+- Faster R-CNN: ``roi_head.bbox_roi_extractor.roi_layers`` of ``DeformRoIPoolPack`` or
+  ``ModulatedDeformRoIPoolPack``, the one of the level ``map_roi_levels`` picks for the box. Bin
+  ``(i, j)`` of a box with corner ``(x1, y1)`` and size ``(w, h)`` spans ``x1 + [j, j + 1] * w / k``
+  and ``y1 + [i, i + 1] * h / k``, moved by ``gamma * offset[:, i, j] * (w, h)``.
+- R-FCN: ``PSRoIBBoxHead`` with ``no_trans=False``, the class-score pooling's offsets of the
+  detected class, the bins moved by ``trans_std * offset * (w, h)``. As ``deform_psroi_pool``
+  does, the box is first rounded: corners to whole pixels (half away from zero), the end pixel
+  included, ``[round(x1), round(x2) + 1]``, at least 0.1 feature pixel wide.
+
+Boxes and bins are ``(x1, y1, x2, y2)`` in the detector's box convention (pixel ``i`` covers
+``[i, i + 1]``, as ``pred_instances.bboxes``); network-input boxes are original-image boxes times
+``scale_factor``.
 """
 
 from __future__ import annotations
@@ -47,6 +70,8 @@ __all__ = [
     "DeformLevel", "deformable_layers", "detection_centres", "draw", "grid_to_image", "image_to_grid",
     "input_to_original", "load_model", "main", "make_levels", "nearest_location", "original_to_input",
     "parse_points", "prepare_inputs", "record_inputs", "sampling_positions", "trace_sampling_points",
+    "RoIOffsets", "deformable_roi_pooling", "draw_rois", "psroi_boxes", "roi_bins", "roi_offsets", "run_roi",
+    "top_rois",
 ]
 
 
@@ -214,6 +239,44 @@ def parse_points(text: str) -> np.ndarray:
     return np.asarray(points, dtype=np.float64)
 
 
+def roi_bins(boxes: np.ndarray, bins_hw: Sequence[int], offset: Optional[np.ndarray] = None,
+             scale=0.0) -> np.ndarray:
+    """The bins RoI pooling divides boxes into, optionally moved by deformable offsets.
+
+    Args:
+        boxes: ``(R, 4)`` x1, y1, x2, y2.
+        bins_hw: ``(kh, kw)`` bins per side.
+        offset: ``(R, 2, kh, kw)`` normalised offsets (x, then y) or None (the regular bins).
+        scale: ``gamma`` or ``trans_std``, a float or ``(R,)``: bin ``(i, j)`` moves by
+            ``scale * offset[:, :, i, j] * (w, h)``.
+
+    Returns:
+        ``(R, kh, kw, 4)`` bin boxes x1, y1, x2, y2; bin ``(i, j)`` of the regular grid is
+        ``[x1 + j * w / kw, y1 + i * h / kh, x1 + (j + 1) * w / kw, y1 + (i + 1) * h / kh]``.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    kh, kw = bins_hw
+    size = boxes[:, 2:] - boxes[:, :2]  # (R, 2) (w, h)
+    i, j = np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij")
+    start = np.stack([j, i], axis=-1) * (size / [kw, kh])[:, None, None]  # (R, kh, kw, 2)
+    start = boxes[:, None, None, :2] + start
+    if offset is not None:
+        shift = np.asarray(offset, dtype=np.float64).transpose(0, 2, 3, 1)  # (R, kh, kw, 2) (x, y)
+        scale = np.asarray(scale, dtype=np.float64).reshape(-1, 1, 1, 1)
+        start = start + scale * shift * size[:, None, None]
+    return np.concatenate([start, start + (size / [kw, kh])[:, None, None]], axis=-1)
+
+
+def psroi_boxes(boxes: np.ndarray, spatial_scale: float) -> np.ndarray:
+    """Boxes ``(R, 4)`` -> the boxes ``deform_psroi_pool`` divides into bins: corners rounded half
+    away from zero, the end pixel included (``[round(x1), round(x2) + 1]``), at least
+    ``0.1 / spatial_scale`` wide and high."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    rounded = np.sign(boxes) * np.floor(np.abs(boxes) + 0.5)
+    size = np.maximum(rounded[:, 2:] + 1 - rounded[:, :2], 0.1 / spatial_scale)
+    return np.concatenate([rounded[:, :2], rounded[:, :2] + size], axis=-1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Model side
 # --------------------------------------------------------------------------------------------------
@@ -341,6 +404,138 @@ def detection_centres(sample, topk: int = 3) -> np.ndarray:
     return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=-1) - 0.5
 
 
+@dataclass
+class RoIOffsets:
+    """The learned bin offsets of deformable RoI pooling for R RoIs of one image.
+
+    Attributes:
+        boxes: ``(R, 4)`` x1, y1, x2, y2: the boxes the layer divides into bins, network-input pixels.
+        offset: ``(R, 2, kh, kw)`` the layer's normalised offsets per bin, x then y.
+        scale: ``(R,)`` ``gamma`` or ``trans_std`` of the layer that pools each RoI.
+        mask: ``(R, kh, kw)`` the bins' weights (modulated pooling), or None.
+        layers: R module names, the layer whose offsets each RoI has.
+    """
+
+    boxes: np.ndarray
+    offset: np.ndarray
+    scale: np.ndarray
+    mask: Optional[np.ndarray]
+    layers: list[str]
+
+    def bins(self, with_offsets: bool = True) -> np.ndarray:
+        """``(R, kh, kw, 4)``: the bins moved by the offsets, or the regular ones (:func:`roi_bins`)."""
+        offset = self.offset if with_offsets else None
+        return roi_bins(self.boxes, self.offset.shape[-2:], offset, self.scale)
+
+
+def deformable_roi_pooling(model: nn.Module) -> nn.Module:
+    """The part of a two-stage detector whose deformable RoI pooling is drawn: Faster R-CNN's
+    ``roi_head.bbox_roi_extractor`` when its ``roi_layers`` are ``DeformRoIPoolPack`` (or the
+    modulated one), or R-FCN's ``roi_head.bbox_head`` with ``conv_cls_offset`` (``no_trans=False``).
+    Raises ValueError when the model has neither."""
+    from dcn_plugin.ops import DeformRoIPoolPack
+
+    head = getattr(model, "roi_head", None)
+    extractor = getattr(head, "bbox_roi_extractor", None)
+    layers = list(getattr(extractor, "roi_layers", ()))
+    if layers and all(isinstance(layer, DeformRoIPoolPack) for layer in layers):
+        return extractor
+    bbox_head = getattr(head, "bbox_head", None)
+    if hasattr(bbox_head, "conv_cls_offset") and not getattr(bbox_head, "no_trans", True):
+        return bbox_head
+    raise ValueError(
+        f"{type(model).__name__} has no deformable RoI pooling to draw: --roi needs a two-stage detector "
+        "whose roi_head.bbox_roi_extractor.roi_layer is DeformRoIPoolPack or ModulatedDeformRoIPoolPack "
+        "(Faster R-CNN) or whose roi_head.bbox_head is a PSRoIBBoxHead with no_trans=False (R-FCN)")
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().double().cpu().numpy()
+
+
+def _extractor_offsets(extractor: nn.Module, feats: Sequence[torch.Tensor], rois: torch.Tensor,
+                       name: str) -> RoIOffsets:
+    """Faster R-CNN: each RoI's offsets (and mask) from the layer of its level, as the layer's
+    forward computes them: ``offset_fc`` (``mask_fc``) of the RoI pooled without offsets."""
+    from dcn_plugin.ops import deform_roi_pool
+
+    feats = feats[:len(extractor.featmap_strides)]
+    n, (kh, kw) = len(rois), extractor.output_size
+    levels = extractor.map_roi_levels(rois) if len(feats) > 1 else rois.new_zeros(len(rois), dtype=torch.long)
+    offset, scale, mask, names = np.zeros((n, 2, kh, kw)), np.zeros(n), None, [""] * n
+    for level in levels.unique().tolist():
+        index = (levels == level).nonzero().flatten().cpu().numpy()
+        layer = extractor.roi_layers[level]
+        pooled = deform_roi_pool(feats[level], rois[index], None, layer.output_size, layer.spatial_scale,
+                                 layer.sampling_ratio).flatten(1)
+        offset[index] = _numpy(layer.offset_fc(pooled)).reshape(-1, 2, kh, kw)
+        scale[index] = layer.gamma
+        if hasattr(layer, "mask_fc"):
+            mask = np.ones((n, kh, kw)) if mask is None else mask
+            mask[index] = _numpy(layer.mask_fc(pooled)).reshape(-1, kh, kw)
+        for i in index:
+            names[i] = f"{name}.roi_layers.{level}"
+    return RoIOffsets(_numpy(rois[:, 1:]), offset, scale, mask, names)
+
+
+def _psroi_offsets(head: nn.Module, feat: torch.Tensor, rois: torch.Tensor, labels: np.ndarray,
+                   name: str) -> RoIOffsets:
+    """R-FCN: the class-score pooling's offsets of each RoI's class, as ``PSRoIBBoxHead`` pools
+    them (``conv_cls_offset`` maps, position-sensitive pooled without offsets), on the rounded box."""
+    import torch.nn.functional as F
+
+    from dcn_plugin.ops import deform_psroi_pool
+
+    k, n = head.group_size, len(rois)
+    maps = head.conv_cls_offset(F.relu(head.conv_new(feat)))
+    offset = deform_psroi_pool(maps, rois, None, head.spatial_scale, maps.shape[1] // (k * k), k, k, k,
+                               head.sample_per_part)  # (R, 2 * (C + 1), k, k)
+    offset = _numpy(offset).reshape(n, -1, 2, k, k)[np.arange(n), np.asarray(labels, dtype=np.int64)]
+    boxes = psroi_boxes(_numpy(rois[:, 1:]), head.spatial_scale)
+    return RoIOffsets(boxes, offset, np.full(n, head.trans_std), None, [f"{name}.conv_cls_offset"] * n)
+
+
+@torch.no_grad()
+def roi_offsets(model: nn.Module, feats: Sequence[torch.Tensor], boxes: np.ndarray,
+                labels: np.ndarray) -> RoIOffsets:
+    """The learned offsets of the model's deformable RoI pooling (:func:`deformable_roi_pooling`)
+    for boxes of the first image.
+
+    Args:
+        model: a two-stage detector.
+        feats: its ``extract_feat`` output, per level ``(B, C, H, W)``.
+        boxes: ``(R, 4)`` x1, y1, x2, y2 in network-input pixels.
+        labels: ``(R,)`` object classes (R-FCN's offsets are per class; Faster R-CNN ignores them).
+    """
+    part = deformable_roi_pooling(model)
+    name = next(n for n, m in model.named_modules() if m is part)
+    feat = feats[0]
+    boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), device=feat.device)
+    rois = torch.cat([boxes.new_zeros(len(boxes), 1), boxes], 1).to(feat.dtype)
+    if hasattr(part, "roi_layers"):
+        return _extractor_offsets(part, feats, rois, name)
+    return _psroi_offsets(part, feats[-1], rois, labels, name)
+
+
+@torch.no_grad()
+def top_rois(model: nn.Module, feats: Sequence[torch.Tensor], sample,
+             topk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """The RoIs to draw: ``boxes (n, 4)`` in network-input pixels, ``labels (n,)``, ``scores (n,)``
+    and where they come from: ``'detection'``, the ``topk`` best of ``sample.pred_instances``
+    (original-image boxes times ``scale_factor``), or, when there is none, ``'proposal'``: the RPN's
+    ``topk`` best proposals (objectness scores), each with the RoI head's best object class."""
+    pred = sample.pred_instances
+    if len(pred):
+        order = torch.argsort(pred.scores, descending=True)[:topk]
+        scale = np.tile(np.asarray(sample.metainfo.get("scale_factor", (1.0, 1.0)), dtype=np.float64)[:2], 2)
+        return (_numpy(pred.bboxes[order]) * scale, pred.labels[order].cpu().numpy(),
+                _numpy(pred.scores[order]), "detection")
+    proposals = model.rpn_head.predict(model.rpn_feats(feats), [sample])[0][:topk]
+    cls_score, _ = model.roi_head(feats, [proposals])
+    labels = cls_score[:, :-1].argmax(1)  # the last class is the background
+    return _numpy(proposals.bboxes), labels.cpu().numpy(), _numpy(proposals.scores), "proposal"
+
+
 # --------------------------------------------------------------------------------------------------
 # Drawing
 # --------------------------------------------------------------------------------------------------
@@ -396,6 +591,63 @@ def draw(image_rgb: np.ndarray, locations: np.ndarray, regular: np.ndarray, defo
     fig.savefig(out)
 
 
+def _rectangles(ax, bins: np.ndarray, color: str, alpha: np.ndarray, **kwargs) -> None:
+    """Bins ``(P, 4)`` (box convention) as rectangles on an image axis (pixel ``i`` centred at ``i``)."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import Rectangle
+
+    patches = [Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1) for x1, y1, x2, y2 in bins]
+    colors = np.tile(to_rgba(color), (len(bins), 1))
+    colors[:, 3] = alpha
+    ax.add_collection(PatchCollection(patches, facecolors="none", edgecolors=colors, **kwargs))
+
+
+def draw_rois(image_rgb: np.ndarray, rois: np.ndarray, regular: np.ndarray, deformable: np.ndarray,
+              weights: np.ndarray, titles: Sequence[str], out: str) -> None:
+    """Two panels on the image per RoI, one row each: the regular bins (left) and the bins moved by
+    their learned offsets (right), as rectangles, with the RoI's box (green, dashed).
+
+    Args:
+        image_rgb: ``(H, W, 3)`` uint8.
+        rois: ``(N, 4)`` x1, y1, x2, y2, box convention, in the image's pixels.
+        regular, deformable: ``(N, kh, kw, 4)`` the bins, likewise.
+        weights: ``(N, kh, kw)`` non-negative, of the moved bins; their alpha is
+            ``0.15 + 0.85 * weight / max`` (per RoI).
+        titles: N row titles (of the left panels).
+        out: the PNG (or any format matplotlib writes) to save.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    h, w = image_rgb.shape[:2]
+    n = len(rois)
+    fig = Figure(figsize=(10, 4.6 * n + 0.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n, 2, squeeze=False)
+    corners = np.concatenate([regular.reshape(-1, 2), deformable.reshape(-1, 2), rois.reshape(-1, 2)]) - 0.5
+    lo = np.minimum([-0.5, -0.5], corners.min(axis=0) - 2)
+    hi = np.maximum([w - 0.5, h - 0.5], corners.max(axis=0) + 2)
+    for i in range(n):
+        bins = (regular[i].reshape(-1, 4), deformable[i].reshape(-1, 4))
+        top = weights[i].max(initial=0.0)
+        alpha = 0.15 + 0.85 * (weights[i].ravel() / top if top > 0 else np.ones(len(bins[1])))
+        kinds = (f"{titles[i]}\nregular bins", "bins moved by the learned offsets\n")
+        panels = zip(axes[i], bins, kinds, ("yellow", "orangered"), (np.full(len(bins[0]), 0.9), alpha))
+        for ax, panel, kind, color, a in panels:
+            ax.imshow(image_rgb, interpolation="nearest")
+            _rectangles(ax, panel, color, a, linewidths=0.9)
+            _rectangles(ax, rois[i:i + 1], "lime", np.ones(1), linewidths=1.2, linestyles="--")
+            ax.set_xlim(lo[0], hi[0])
+            ax.set_ylim(hi[1], lo[1])
+            ax.set_title(kind, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("deformable RoI pooling: regular bins (left), learned offsets (right)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
@@ -406,23 +658,72 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(
         description="Draw the sampling points of a detector's last deformable layers traced back to "
-                    "image pixels, beside a plain convolution's regular grid (Dai et al. 2017, Fig. 5-6)")
+                    "image pixels, beside a plain convolution's regular grid (Dai et al. 2017, Fig. 5-6); "
+                    "with --roi, the bins of its deformable RoI pooling before and after their offsets "
+                    "(Fig. 7)")
     parser.add_argument("config", help="model config file")
     parser.add_argument("checkpoint", help="checkpoint file")
     parser.add_argument("image", help="image file (e.g. a val image)")
     parser.add_argument("--out", required=True, help="the picture to write, e.g. offsets.png")
+    parser.add_argument("--roi", action="store_true",
+                        help="draw the bins of the deformable RoI pooling of a two-stage detector (Fig. 7) "
+                             "for the top-scoring detections, instead of the convolutions' sampling points")
     parser.add_argument("--points", help="locations 'x,y;x,y' in original-image pixels (default: the "
-                                         "centres of the top-scoring detections)")
-    parser.add_argument("--levels", type=int, default=3, help="deformable layers to trace back (default 3)")
-    parser.add_argument("--topk", type=int, default=3, help="detections to use without --points (default 3)")
+                                         "centres of the top-scoring detections); not with --roi")
+    parser.add_argument("--levels", type=int, default=3,
+                        help="deformable layers to trace back (default 3); not used with --roi")
+    parser.add_argument("--topk", type=int, default=3,
+                        help="detections to use without --points, RoIs to draw with --roi (default 3)")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction,
                         help="override config settings, e.g. model.backbone.init_cfg=None")
     return parser.parse_args(argv)
 
 
+def run_roi(args: argparse.Namespace, model: nn.Module, cfg, image_bgr: np.ndarray) -> dict:
+    """``--roi``: returns ``dict(out, source, layers (R names), rois (R, 4), labels (R,), scores (R,),
+    boxes (R, 4), regular (R, kh, kw, 4), deformable (R, kh, kw, 4), weights (R, kh, kw))``:
+    ``source`` is ``'detection'`` or ``'proposal'`` (see :func:`top_rois`), ``rois`` the drawn
+    detections, ``boxes`` the boxes the layer divides into bins (R-FCN rounds them), the bins'
+    ``weights`` their masks (ones without); boxes ``(x1, y1, x2, y2)`` in original-image pixels."""
+    import cv2
+
+    if args.points is not None:
+        raise ValueError("--points does not apply to --roi, which draws the top-scoring detections")
+    if args.topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {args.topk}")
+    deformable_roi_pooling(model)  # a clear error before the forward pass
+    data = prepare_inputs(cfg, args.image)
+    with torch.no_grad():
+        data = model.data_preprocessor(data, False)
+        samples = model(**data, mode="predict")
+        feats = model.extract_feat(data["inputs"])
+    boxes, labels, scores, source = top_rois(model, feats, samples[0], args.topk)
+    if len(boxes) == 0:
+        raise ValueError(f"{args.image}: the model gives no detection and no proposal: no RoI to draw")
+    if source == "proposal":
+        print(f"no detection above test_cfg.rcnn.score_thr: drawing the RPN's {len(boxes)} best proposals")
+    offsets = roi_offsets(model, feats, boxes, labels)
+    scale = np.tile(np.asarray(samples[0].metainfo.get("scale_factor", (1.0, 1.0)), dtype=np.float64)[:2], 2)
+    weights = offsets.mask if offsets.mask is not None else np.ones(offsets.offset[:, 0].shape)
+    result = dict(
+        out=args.out, source=source, layers=offsets.layers, rois=boxes / scale, labels=labels, scores=scores,
+        boxes=offsets.boxes / scale, regular=offsets.bins(False) / scale, deformable=offsets.bins() / scale,
+        weights=weights,
+    )
+    titles = [f"{source} {i + 1}: class {labels[i]}, score {scores[i]:.2f}, {offsets.layers[i]}"
+              for i in range(len(boxes))]
+    draw_rois(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), result["rois"], result["regular"],
+              result["deformable"], weights, titles, args.out)
+    kh, kw = offsets.offset.shape[-2:]
+    print(f"{args.out}: {len(boxes)} {source}(s) x {kh}x{kw} bins of deformable RoI pooling: "
+          f"{', '.join(sorted(set(offsets.layers)))}")
+    return result
+
+
 def main(argv=None) -> dict:
     """Runs the tool; returns ``dict(out, layers, locations (N, 2), regular (N, P, 2),
-    deformable (N, P, 2), weights (N, P))``, coordinates ``(x, y)`` in original-image pixels."""
+    deformable (N, P, 2), weights (N, P))``, coordinates ``(x, y)`` in original-image pixels; with
+    ``--roi``, :func:`run_roi`'s dict."""
     import cv2
 
     args = parse_args(argv)
@@ -432,9 +733,12 @@ def main(argv=None) -> dict:
     if image_bgr is None:
         raise FileNotFoundError(f"cannot read the image {args.image!r}")
     model, cfg = load_model(args.config, args.checkpoint, args.cfg_options)
+    if args.roi:
+        return run_roi(args, model, cfg, image_bgr)
     layers = deformable_layers(model)
     if not layers:
-        raise ValueError(f"{args.config}: the model's backbone has no 2d deformable layer to trace")
+        raise ValueError(f"{args.config}: the model's backbone has no 2d deformable layer to trace (for "
+                         "deformable RoI pooling, pass --roi)")
 
     data = prepare_inputs(cfg, args.image)
     with torch.no_grad(), record_inputs(layers) as records:
