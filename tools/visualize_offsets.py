@@ -455,10 +455,7 @@ def _numpy(x: torch.Tensor) -> np.ndarray:
 
 def _extractor_offsets(extractor: nn.Module, feats: Sequence[torch.Tensor], rois: torch.Tensor,
                        name: str) -> RoIOffsets:
-    """Faster R-CNN: each RoI's offsets (and mask) from the layer of its level, as the layer's
-    forward computes them: ``offset_fc`` (``mask_fc``) of the RoI pooled without offsets."""
-    from dcn_plugin.ops import deform_roi_pool
-
+    """Faster R-CNN: each RoI's offsets (and mask) from the layer of its level (``offset_and_mask``)."""
     feats = feats[:len(extractor.featmap_strides)]
     n, (kh, kw) = len(rois), extractor.output_size
     levels = extractor.map_roi_levels(rois) if len(feats) > 1 else rois.new_zeros(len(rois), dtype=torch.long)
@@ -466,13 +463,12 @@ def _extractor_offsets(extractor: nn.Module, feats: Sequence[torch.Tensor], rois
     for level in levels.unique().tolist():
         index = (levels == level).nonzero().flatten().cpu().numpy()
         layer = extractor.roi_layers[level]
-        pooled = deform_roi_pool(feats[level], rois[index], None, layer.output_size, layer.spatial_scale,
-                                 layer.sampling_ratio).flatten(1)
-        offset[index] = _numpy(layer.offset_fc(pooled)).reshape(-1, 2, kh, kw)
+        level_offset, level_mask = layer.offset_and_mask(feats[level], rois[index])
+        offset[index] = _numpy(level_offset)
         scale[index] = layer.gamma
-        if hasattr(layer, "mask_fc"):
+        if level_mask is not None:
             mask = np.ones((n, kh, kw)) if mask is None else mask
-            mask[index] = _numpy(layer.mask_fc(pooled)).reshape(-1, kh, kw)
+            mask[index] = _numpy(level_mask).reshape(-1, kh, kw)
         for i in index:
             names[i] = f"{name}.roi_layers.{level}"
     return RoIOffsets(_numpy(rois[:, 1:]), offset, scale, mask, names)
@@ -480,16 +476,12 @@ def _extractor_offsets(extractor: nn.Module, feats: Sequence[torch.Tensor], rois
 
 def _psroi_offsets(head: nn.Module, feat: torch.Tensor, rois: torch.Tensor, labels: np.ndarray,
                    name: str) -> RoIOffsets:
-    """R-FCN: the class-score pooling's offsets of each RoI's class, as ``PSRoIBBoxHead`` pools
-    them (``conv_cls_offset`` maps, position-sensitive pooled without offsets), on the rounded box."""
+    """R-FCN: the class-score pooling's offsets of each RoI's class (``PSRoIBBoxHead.part_offsets``),
+    on the rounded box."""
     import torch.nn.functional as F
 
-    from dcn_plugin.ops import deform_psroi_pool
-
     k, n = head.group_size, len(rois)
-    maps = head.conv_cls_offset(F.relu(head.conv_new(feat)))
-    offset = deform_psroi_pool(maps, rois, None, head.spatial_scale, maps.shape[1] // (k * k), k, k, k,
-                               head.sample_per_part)  # (R, 2 * (C + 1), k, k)
+    offset, _ = head.part_offsets(F.relu(head.conv_new(feat)), rois)  # (R, 2 * (C + 1), k, k)
     offset = _numpy(offset).reshape(n, -1, 2, k, k)[np.arange(n), np.asarray(labels, dtype=np.int64)]
     boxes = psroi_boxes(_numpy(rois[:, 1:]), head.spatial_scale)
     return RoIOffsets(boxes, offset, np.full(n, head.trans_std), None, [f"{name}.conv_cls_offset"] * n)

@@ -652,9 +652,15 @@ class DeformRoIPoolPack(DeformRoIPool):
         pooled = super().forward(input, rois).flatten(1)
         return pooled, self.offset_fc(pooled).view(-1, 2, *self.output_size)
 
+    def offset_and_mask(self, input: Tensor, rois: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """What the layer learned for ``rois``: offsets ``(R, 2, *output_size)`` (x, then y, in
+        units of ``gamma`` times the RoI's size) and the mask ``(R, 1, *output_size)`` (None here)."""
+        return self._pool_and_offset(input, rois)[1], None
+
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
-        _, offset = self._pool_and_offset(input, rois)
-        return super().forward(input, rois, offset)
+        offset, mask = self.offset_and_mask(input, rois)
+        pooled = super().forward(input, rois, offset)
+        return pooled if mask is None else pooled * mask
 
 
 class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
@@ -670,10 +676,9 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
         self.mask_fc = _fc_stack(bins * output_channels, deform_fc_channels, bins, hidden_layers=1,
                                  activation=nn.Sigmoid())
 
-    def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
+    def offset_and_mask(self, input: Tensor, rois: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         pooled, offset = self._pool_and_offset(input, rois)
-        mask = self.mask_fc(pooled).view(-1, 1, *self.output_size)
-        return DeformRoIPool.forward(self, input, rois, offset) * mask
+        return offset, self.mask_fc(pooled).view(-1, 1, *self.output_size)
 
 
 class DeformablePSRoIPooling(nn.Module):

@@ -192,22 +192,31 @@ class PSRoIBBoxHead(BBoxHead):
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
 
-    def _pool(self, maps: Tensor, rois: Tensor, output_dim: int, offset_maps: Tensor | None) -> Tensor:
-        """(R, output_dim, k, k): maps pooled bin by bin, with offsets pooled from ``offset_maps``."""
+    def part_offsets(self, x: Tensor, rois: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The offsets of the class-score and box pooling for ``rois``, from ``x`` (the 1x1 conv's
+        output): ``(R, 2 * (C + 1), k, k)`` (x, then y, per class) and ``(R, 2, k, k)``, in units of
+        ``trans_std`` times the RoI's size; None with ``no_trans``."""
+        if self.no_trans:
+            return None, None
         k = self.group_size
-        offset = None
-        if offset_maps is not None:
-            offset = deform_psroi_pool(offset_maps, rois, None, self.spatial_scale, offset_maps.shape[1] // (k * k),
-                                       k, k, k, self.sample_per_part)
+
+        def pool(maps: Tensor) -> Tensor:
+            return deform_psroi_pool(maps, rois, None, self.spatial_scale, maps.shape[1] // (k * k), k, k, k,
+                                     self.sample_per_part)
+
+        return pool(self.conv_cls_offset(x)), pool(self.conv_reg_offset(x))
+
+    def _pool(self, maps: Tensor, rois: Tensor, output_dim: int, offset: Tensor | None) -> Tensor:
+        """(R, output_dim, k, k): ``maps`` pooled bin by bin, moved by ``offset`` where given."""
+        k = self.group_size
         return deform_psroi_pool(maps, rois, offset, self.spatial_scale, output_dim, k, k, k, self.sample_per_part,
                                  self.trans_std if offset is not None else 0.0)
 
     def forward(self, feat: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         x = F.relu(self.conv_new(feat))
-        cls_offsets = None if self.no_trans else self.conv_cls_offset(x)
-        reg_offsets = None if self.no_trans else self.conv_reg_offset(x)
-        cls_score = self._pool(self.conv_cls(x), rois, self.num_classes + 1, cls_offsets).mean((2, 3))
-        bbox_pred = self._pool(self.conv_reg(x), rois, self.reg_outputs, reg_offsets).mean((2, 3))
+        cls_offset, reg_offset = self.part_offsets(x, rois)
+        cls_score = self._pool(self.conv_cls(x), rois, self.num_classes + 1, cls_offset).mean((2, 3))
+        bbox_pred = self._pool(self.conv_reg(x), rois, self.reg_outputs, reg_offset).mean((2, 3))
         if not self.reg_class_agnostic:
             bbox_pred = bbox_pred.view(len(rois), self.num_classes + 1, 4)[:, :self.num_classes].flatten(1)
         return cls_score, bbox_pred
