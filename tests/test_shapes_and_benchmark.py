@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from extras import require
 
-from dcn_plugin.ops.shapes import DeformConvShape, conv_output_size
+from dcn_plugin.ops.shapes import DeformConvShape, accumulate_dtype, conv_output_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,14 +40,30 @@ def test_output_size_is_torch_convolutions(transposed):
 
 def test_shape_record():
     case = DeformConvShape.build(2, batch=3, in_channels=6, out_channels=4, in_size=(7, 9), kernel=(3, 2),
-                                 stride=2, groups=2, offset_groups=3, mask_groups=6)
-    assert case.n == 2 and case.num_kernel == 6 and case.out_size == (4, 5)
-    assert case.weight_shape == (4, 3, 3, 2)
-    assert case.offset_shape == (3, 3 * 2 * 6, 4, 5) and case.mask_shape == (3, 6 * 6, 4, 5)
+                                 stride=2, groups=2, offset_groups=2, mask_groups=3)
+    assert case.n == 2 and case.kernel_points == 6 and case.out_size == (4, 5)
+    assert case.weight_shape == (4, 3, 3, 2) and case.output_shape == (3, 4, 4, 5)
+    assert case.offset_shape == (3, 2 * 2 * 6, 4, 5) and case.mask_shape == (3, 3 * 6, 4, 5)
+    # convolution: the input is sampled (the image), offset and mask live on the output grid
+    assert case.image_shape == (3, 6, 7, 9) and case.image_points == 63
+    assert case.grid_channels == 4 and case.grid_size == (4, 5) and case.grid_points == 20
+    assert (case.channels_per_offset_group, case.channels_per_mask_group) == (3, 2)
+    assert case.sample_groups == 6 and case.channels_per_sample_group == 1  # lcm(2, 3)
     assert case.is_valid() and not DeformConvShape.build(2, in_channels=6, offset_groups=4).is_valid()
-    transposed = DeformConvShape.build(1, in_channels=2, out_channels=6, in_size=4, stride=2, transposed=True)
-    assert transposed.grid == (4,) and transposed.out_size == (7,) and transposed.weight_shape == (2, 6, 3)
-    assert transposed.describe() == "T 2x2x4->6x7 k3 s2"
+    transposed = DeformConvShape.build(1, in_channels=2, out_channels=6, in_size=4, stride=2, transposed=True,
+                                       offset_groups=0, mask_groups=2)
+    assert transposed.out_size == (7,) and transposed.weight_shape == (2, 6, 3)
+    # transposed: the output is sampled, offset and mask live on the input grid
+    assert transposed.image_shape == (2, 6, 7) and transposed.grid_size == (4,)
+    assert transposed.grid_channels == 2 and transposed.channels_per_offset_group == 6
+    assert transposed.sample_groups == 2 and transposed.channels_per_sample_group == 3
+    assert transposed.describe() == "T 2x2x4->6x7 k3 s2 no-offset mg2"
+
+
+def test_accumulate_dtype():
+    assert accumulate_dtype(torch.float64) == torch.float64
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert accumulate_dtype(dtype) == torch.float32
 
 
 def _benchmark_module():

@@ -18,10 +18,10 @@ float16/bfloat16 that is cuBLAS (hipBLAS on ROCm) on tensor cores with float32 a
 half the column memory of float32 columns (torchvision and mmcv keep their columns in the input
 dtype too). Sampling positions, interpolation, the coordinate gradients and every sum across chunks
 or samples (the scatter onto the image, the weight gradient over chunks) are in
-:func:`accumulate_dtype` (float32, float64 for double). With each sample rounded to the half type,
-the error against float64 is at most 1.45x (float16) and 1.29x (bfloat16) that of plain convolution
-in the same dtype on the tests' cases (``tests/half_error_ratios.py``); the bound for half-type
-columns is 3x. float32 products use TF32 tensor cores where
+:func:`~dcn_plugin.ops.shapes.accumulate_dtype` (float32, float64 for double). With each sample
+rounded to the half type, the error against float64 is at most 1.45x (float16) and 1.29x (bfloat16)
+that of plain convolution in the same dtype on the tests' cases (``tests/half_error_ratios.py``); the
+bound for half-type columns is 3x. float32 products use TF32 tensor cores where
 the user allows it (``torch.backends.cuda.matmul.allow_tf32``).
 
 These functions take the op's arguments, run the op's C++ argument checks first, and work on
@@ -39,14 +39,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .geometry import Geometry
+from ..shapes import DeformConvShape, accumulate_dtype
 from .kernels import Launch, column_stride, partial_rows, sample
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of positions and of sums (scatter, coordinate gradients, weight gradient over
-    chunks) for tensors of ``dtype``; columns and matrix products stay in ``dtype`` itself."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def workspace_limit() -> int:
@@ -54,12 +48,12 @@ def workspace_limit() -> int:
     return int(torch.ops.dcn_plugin._workspace_limit())
 
 
-def chunk_width(g: Geometry, dtype: torch.dtype, column_buffers: int, coordinates: bool) -> int:
+def chunk_width(g: DeformConvShape, dtype: torch.dtype, column_buffers: int, coordinates: bool) -> int:
     """Columns per chunk, so that ``column_buffers`` column buffers (and the partial sums of the
     coordinate gradients) fit the workspace limit; at least one."""
     per_column = column_buffers * g.image_channels * g.kernel_points * dtype.itemsize
     if coordinates:
-        per_column += partial_rows(g) * g.kernel_points * (g.dims + 1) * accumulate_dtype(dtype).itemsize
+        per_column += partial_rows(g) * g.kernel_points * (g.n + 1) * accumulate_dtype(dtype).itemsize
     return max(1, workspace_limit() // max(per_column, 1))
 
 
@@ -111,16 +105,16 @@ def _chunks(total: int, width: int):
         yield q0, min(width, total - q0)
 
 
-def _checked_geometry(input: Tensor, weight: Tensor, offset: Optional[Tensor], mask: Optional[Tensor],
-                      bias: Optional[Tensor], params: tuple, grad_output: Optional[Tensor]) -> Geometry:
-    """Runs the op's C++ argument checks (the CPU kernels' own), then reads the geometry.
+def _checked_shape(input: Tensor, weight: Tensor, offset: Optional[Tensor], mask: Optional[Tensor],
+                   bias: Optional[Tensor], params: tuple, grad_output: Optional[Tensor]) -> DeformConvShape:
+    """Runs the op's C++ argument checks (the CPU kernels' own), then reads the sizes.
 
     ``params``: ``(stride, padding, dilation, transposed, output_padding, groups)``."""
     torch.ops.dcn_plugin._check_arguments(input, weight, offset, mask, bias, *params, grad_output)
-    return Geometry.of(input, weight, offset, mask, *params)
+    return DeformConvShape.of(input, weight, offset, mask, *params)
 
 
-def _grouped_weight(weight: Tensor, g: Geometry) -> Tensor:
+def _grouped_weight(weight: Tensor, g: DeformConvShape) -> Tensor:
     """``(groups, C_grid / groups, C_image / groups * K)``, a view of ``weight``."""
     return weight.view(g.groups, g.grid_channels // g.groups, -1)
 
@@ -149,17 +143,17 @@ def deform_conv(input: Tensor, weight: Tensor, offset: Optional[Tensor], mask: O
     Returns ``(B, C_out, *out)``.
     """
     params = (stride, padding, dilation, transposed, output_padding, groups)
-    g = _checked_geometry(input, weight, offset, mask, bias, params, None)
+    g = _checked_shape(input, weight, offset, mask, bias, params, None)
     with device_guard(input):
         run = _transposed_forward if transposed else _forward
         out = run(g, input.contiguous(), _grouped_weight(weight.contiguous(), g), _contiguous(offset),
                   _contiguous(mask), wide_index)
         if bias is not None:
-            out += bias.view(1, -1, *[1] * g.dims)
+            out += bias.view(1, -1, *[1] * g.n)
     return out
 
 
-def _forward(g: Geometry, input: Tensor, w: Tensor, offset: Optional[Tensor], mask: Optional[Tensor],
+def _forward(g: DeformConvShape, input: Tensor, w: Tensor, offset: Optional[Tensor], mask: Optional[Tensor],
              wide_index: Optional[bool]) -> Tensor:
     """``out = W @ im2col(input)``, a chunk of columns at a time."""
     rows, total = g.image_channels * g.kernel_points, g.batch * g.grid_points
@@ -174,7 +168,7 @@ def _forward(g: Geometry, input: Tensor, w: Tensor, offset: Optional[Tensor], ma
     return _batch_major(out, g.output_shape, input.dtype)
 
 
-def _transposed_forward(g: Geometry, input: Tensor, w: Tensor, offset: Optional[Tensor],
+def _transposed_forward(g: DeformConvShape, input: Tensor, w: Tensor, offset: Optional[Tensor],
                         mask: Optional[Tensor], wide_index: Optional[bool]) -> Tensor:
     """``out = col2im(W^T @ input)``, a chunk of columns at a time."""
     alert_scatter("the output of the transposed op")
@@ -202,7 +196,7 @@ def deform_conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, off
     ``output_mask`` asks for it (and the tensor is present), else an empty tensor.
     """
     params = (stride, padding, dilation, transposed, output_padding, groups)
-    g = _checked_geometry(input, weight, offset, mask, None, params, grad_output)
+    g = _checked_shape(input, weight, offset, mask, None, params, grad_output)
     need = _Needs(output_mask[0], output_mask[1], output_mask[2] and offset is not None,
                   output_mask[3] and mask is not None, transposed)
     if not (need.input or need.weight or need.offset or need.mask):
@@ -235,7 +229,7 @@ class _Backward:
     scatter onto the image, offset and mask ``(channels, B * L)``; the transposed op's input gradient
     ``(C_grid, B * L)`` is one product per chunk, in the input's dtype."""
 
-    def __init__(self, g: Geometry, need: _Needs, grad_output: Tensor, input: Tensor, weight: Tensor,
+    def __init__(self, g: DeformConvShape, need: _Needs, grad_output: Tensor, input: Tensor, weight: Tensor,
                  offset: Optional[Tensor], mask: Optional[Tensor], wide_index: Optional[bool]):
         if need.scatter:
             alert_scatter("the gradient of the input")
@@ -247,7 +241,7 @@ class _Backward:
         self.rows, self.total = g.image_channels * g.kernel_points, g.batch * g.grid_points
         self.width = min(chunk_width(g, input.dtype, need.columns + need.grad_columns, need.coordinates),
                          max(self.total, 1))
-        self.partial_size = partial_rows(g) * g.kernel_points * (g.dims + 1)
+        self.partial_size = partial_rows(g) * g.kernel_points * (g.n + 1)
         acc = accumulate_dtype(w.dtype)
         self.column_buffer = _column_buffer(w, self.rows, self.width) if need.columns else None
         self.grad_column_buffer = _column_buffer(w, self.rows, self.width) if need.grad_columns else None
@@ -307,12 +301,12 @@ class _Backward:
         )
 
 
-def _add_up_partial_sums(g: Geometry, partial: Tensor, n: int, grad_offset: Optional[Tensor],
+def _add_up_partial_sums(g: DeformConvShape, partial: Tensor, n: int, grad_offset: Optional[Tensor],
                          grad_mask: Optional[Tensor], q0: int) -> None:
     """Sums the kernel's per-tile partial sums ``(tiles, K, N + 1, n)`` over the tiles of each
     offset group into ``grad_offset[:, q0:q0 + n]`` ``(offset_groups * K * N, B * L)``, and over
     those of each mask group into ``grad_mask`` ``(mask_groups * K, B * L)``, in a fixed order."""
-    k, dims, groups = g.kernel_points, g.dims, g.tile_groups
+    k, dims, groups = g.kernel_points, g.n, g.sample_groups
     per_group = partial.view(groups, -1, k, dims + 1, n).sum(1)  # (tile groups, K, N + 1, n)
     if grad_offset is not None:
         og = g.offset_groups
@@ -323,5 +317,4 @@ def _add_up_partial_sums(g: Geometry, partial: Tensor, n: int, grad_offset: Opti
         grad_mask[:, q0:q0 + n] = per_group[:, :, dims].reshape(mg, groups // mg, k, n).sum(1).view(-1, n)
 
 
-__all__: List[str] = ["deform_conv", "deform_conv_backward", "accumulate_dtype", "chunk_width",
-                      "workspace_limit"]
+__all__: List[str] = ["deform_conv", "deform_conv_backward", "chunk_width", "workspace_limit"]

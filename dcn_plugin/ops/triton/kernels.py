@@ -17,21 +17,21 @@ them). The sampling position and its corners are computed once per column and re
 channel of the tile. Spatial extents are padded to 3 dims on the left (size 1); ``N`` (a
 constexpr) says how many of the last dims are real, and only those are interpolated.
 
-Positions, corner weights and sums are in ``ACC`` (float32, float64 for double); values are read
-in the tensors' dtype. Indices are int32 unless ``WIDE`` (int64), which the launcher sets only
+Positions, corner weights and sums are in ``ACC`` (:func:`dcn_plugin.ops.shapes.accumulate_dtype`);
+values are read in the tensors' dtype. Indices are int32 unless ``WIDE`` (int64), which the launcher sets only
 where some tensor or index of the launch reaches 2^31 (:func:`needs_wide_index`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .geometry import Geometry
+from ..shapes import DeformConvShape, accumulate_dtype
 
 INT32_LIMIT = 2**31
 
@@ -224,11 +224,11 @@ class Launch:
     ``image`` ``(B, C, *image_size)``; ``offset``, ``mask`` as the op takes them (contiguous);
     ``columns`` / ``grad_columns`` ``(C * K, width)`` in the input's dtype (row stride ``stride(0)``,
     a multiple of COLUMN_ALIGN where the compiler should vectorise), ``grad_image``
-    ``(B, C, *image_size)`` and ``partial`` ``(tiles, K, N + 1, width)`` in the accumulation dtype
-    (float32, float64 for double). Tensors that are None are neither read nor written.
+    ``(B, C, *image_size)`` and ``partial`` ``(tiles, K, N + 1, width)`` in the accumulation dtype.
+    Tensors that are None are neither read nor written.
     """
 
-    geometry: Geometry
+    conv: DeformConvShape
     q0: int
     width: int
     image: Optional[torch.Tensor] = None
@@ -251,6 +251,7 @@ COLUMN_ALIGN = 16
 # Fused multiply-adds in the interpolation and the sums, passed explicitly at every launch: Triton 3.9
 # warns when neither this nor TRITON_DEFAULT_FP_FUSION says it, and its default turns off in 3.10.
 FP_FUSION = True
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def column_stride(width: int) -> int:
@@ -258,9 +259,9 @@ def column_stride(width: int) -> int:
     return triton.cdiv(max(width, 1), COLUMN_ALIGN) * COLUMN_ALIGN
 
 
-def block_channels(geometry: Geometry) -> int:
-    """Channels per program: a power of two up to 16, no more than a tile group holds."""
-    return min(16, triton.next_power_of_2(max(geometry.tile_group_channels, 1)))
+def block_channels(conv: DeformConvShape) -> int:
+    """Channels per program: a power of two up to 16, no more than a sample group holds."""
+    return min(16, triton.next_power_of_2(max(conv.channels_per_sample_group, 1)))
 
 
 def sample_warps(block_c: int) -> int:
@@ -269,15 +270,15 @@ def sample_warps(block_c: int) -> int:
     return max(1, min(4, block_c * BLOCK_Q // 256))
 
 
-def partial_rows(geometry: Geometry) -> int:
+def partial_rows(conv: DeformConvShape) -> int:
     """Tiles of channels over the image (the first dim of ``Launch.partial``)."""
-    per_group = triton.cdiv(geometry.tile_group_channels, block_channels(geometry))
-    return geometry.tile_groups * per_group
+    per_group = triton.cdiv(conv.channels_per_sample_group, block_channels(conv))
+    return conv.sample_groups * per_group
 
 
 def launch_extents(launch: Launch) -> tuple:
     """Element counts of everything the launch indexes, for :func:`needs_wide_index`."""
-    g = launch.geometry
+    g = launch.conv
     column_stride = max(launch.width, 1)
     for t in (launch.columns, launch.grad_columns):
         if t is not None:
@@ -286,12 +287,17 @@ def launch_extents(launch: Launch) -> tuple:
     return (g.batch * g.image_channels * g.image_points, g.batch * g.offset_channels * g.grid_points,
             g.batch * g.mask_channels * g.grid_points, g.batch * g.grid_points + BLOCK_Q,
             rows * column_stride + BLOCK_Q,
-            partial_rows(g) * g.kernel_points * (g.dims + 1) * launch.width + BLOCK_Q)
+            partial_rows(g) * g.kernel_points * (g.n + 1) * launch.width + BLOCK_Q)
+
+
+def _padded(values: Sequence[int], fill: int) -> Tuple[int, int, int]:
+    """``values`` (one per spatial dim) padded on the left to 3 dims with ``fill``."""
+    return (fill,) * (3 - len(values)) + tuple(values)
 
 
 def sample(launch: Launch) -> None:
     """Runs :func:`sample_kernel` for ``launch`` (nothing when there is nothing to sample)."""
-    g = launch.geometry
+    g = launch.conv
     if launch.width == 0 or g.image_channels == 0 or g.kernel_points == 0:
         return
     wide = launch.wide_index
@@ -302,7 +308,7 @@ def sample(launch: Launch) -> None:
     if not placeholder.is_cuda and isinstance(sample_kernel, triton.runtime.jit.JITFunction):
         raise RuntimeError("dcn_plugin's Triton kernels run on CPU tensors only under Triton's interpreter: "
                            "set TRITON_INTERPRET=1 before triton is first imported")
-    acc = tl.float64 if placeholder.dtype == torch.float64 else tl.float32  # float64 in, float64 sums
+    acc = _TRITON_DTYPES[accumulate_dtype(placeholder.dtype)]
     column_stride = next((t.stride(0) for t in (launch.columns, launch.grad_columns) if t is not None), 0)
     block_c = block_channels(g)
     grid = (triton.cdiv(launch.width, BLOCK_Q) * partial_rows(g), g.kernel_points)
@@ -314,12 +320,12 @@ def sample(launch: Launch) -> None:
         pointer(launch.image), pointer(launch.offset), pointer(launch.mask), pointer(launch.grad_columns),
         pointer(launch.columns), pointer(launch.grad_image), pointer(launch.partial),
         launch.q0, launch.width, column_stride,
-        g.image_channels, g.per_offset_group, g.per_mask_group, g.tile_group_channels,
-        triton.cdiv(g.tile_group_channels, block_c), g.offset_channels, g.mask_channels, g.kernel_points,
-        g.grid_points, *g.padded(g.image_size, 1), *g.padded(g.grid_size, 1)[1:],
-        *g.padded(g.kernel_size, 1)[1:], *g.padded(g.stride, 1), *g.padded(g.padding, 0),
-        *g.padded(g.dilation, 1),
-        N=g.dims, HAS_OFFSET=launch.offset is not None, HAS_MASK=launch.mask is not None,
+        g.image_channels, g.channels_per_offset_group, g.channels_per_mask_group, g.channels_per_sample_group,
+        triton.cdiv(g.channels_per_sample_group, block_c), g.offset_channels, g.mask_channels,
+        g.kernel_points,
+        g.grid_points, *_padded(g.image_size, 1), *_padded(g.grid_size, 1)[1:], *_padded(g.kernel, 1)[1:],
+        *_padded(g.stride, 1), *_padded(g.padding, 0), *_padded(g.dilation, 1),
+        N=g.n, HAS_OFFSET=launch.offset is not None, HAS_MASK=launch.mask is not None,
         COLUMNS=launch.columns is not None, SCATTER=launch.grad_image is not None,
         OFFSET_GRAD=launch.offset_grad, MASK_GRAD=launch.mask_grad, ACC=acc, WIDE=wide,
         BLOCK_C=block_c, BLOCK_Q=BLOCK_Q, num_warps=sample_warps(block_c), enable_fp_fusion=FP_FUSION,
