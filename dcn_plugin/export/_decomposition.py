@@ -21,23 +21,27 @@ up and the output cast back.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
+import torch
 from onnxscript import ir
 
+from ..ops.shapes import DeformConvShape, accumulate_dtype, conv_output_size
 from ._graph import ints, repeat_groups, zeros
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .onnx import Geometry
 
 __all__ = ["deform_conv"]
 
+# The op's dtypes, as ONNX and torch name them.
+_TORCH_DTYPES = {ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16,
+                 ir.DataType.FLOAT: torch.float32, ir.DataType.DOUBLE: torch.float64}
+_ONNX_DTYPES = {torch_dtype: onnx_dtype for onnx_dtype, torch_dtype in _TORCH_DTYPES.items()}
 
-def deform_conv(op, g: Geometry, input, weight, offset, mask, bias):
+
+def deform_conv(op, g: DeformConvShape, input, weight, offset, mask, bias):
     """The op's output (B, C_out, *out) from standard ops; arguments as the exporter passes them."""
     dtype = input.dtype
-    compute = ir.DataType.DOUBLE if dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+    compute = _ONNX_DTYPES[accumulate_dtype(_TORCH_DTYPES.get(dtype, torch.float32))]
 
     def cast(t):
         return t if t is None or dtype == compute else op.Cast(t, to=compute)
@@ -50,7 +54,7 @@ def deform_conv(op, g: Geometry, input, weight, offset, mask, bias):
     scale = None
     if mask is not None:  # (B, G, K, P)
         scale = op.Reshape(repeat_groups(op, mask, g.mask_groups, g.sample_groups),
-                           ints(op, 0, g.sample_groups, g.num_kernel, -1))
+                           ints(op, 0, g.sample_groups, g.kernel_points, -1))
     corners = list(_corners(op, positions, canvas, scale))
     if g.transposed:
         out = _scatter(op, g, input, weight, corners, canvas)
@@ -64,17 +68,18 @@ def deform_conv(op, g: Geometry, input, weight, offset, mask, bias):
     return out if dtype == compute else op.Cast(out, to=dtype)
 
 
-def _transposed_size(op, g: Geometry, input):
-    """The transposed op's output size per dim: ``(in - 1) * stride - 2 * padding + dilation * (k - 1)
-    + output_padding + 1``, a 1-D int64 value."""
-    rest = [-2 * p + d * (k - 1) + o + 1
-            for p, d, k, o in zip(g.padding, g.dilation, g.kernel, g.output_padding)]
-    return op.Add(op.Mul(op.Sub(op.Shape(input, start=2), ints(op, 1)), ints(op, *g.stride)), ints(op, *rest))
+def _transposed_size(op, g: DeformConvShape, input):
+    """The transposed op's output size per dim, a 1-D int64 value: ``conv_output_size`` is
+    ``(in - 1) * stride`` plus what it is for ``in = 1``."""
+    at_one = [conv_output_size(1, k, s, p, d, True, o)
+              for k, s, p, d, o in zip(g.kernel, g.stride, g.padding, g.dilation, g.output_padding)]
+    steps = op.Mul(op.Sub(op.Shape(input, start=2), ints(op, 1)), ints(op, *g.stride))
+    return op.Add(steps, ints(op, *at_one))
 
 
-def _positions(op, g: Geometry, input, offset, grid, compute) -> List:
+def _positions(op, g: DeformConvShape, input, offset, grid, compute) -> List:
     """Per spatial dim, the sampling positions (B, G, K, P) in ``compute`` dtype."""
-    n, k, groups = g.n, g.num_kernel, g.sample_groups
+    n, k, groups = g.n, g.kernel_points, g.sample_groups
     taps = np.indices(g.kernel).reshape(n, k)  # row-major kernel points
     if offset is not None:  # (B, G, K, N, P): channel (group * K + k) * N + d
         offset = op.Reshape(repeat_groups(op, offset, g.offset_groups, groups), ints(op, 0, groups, k, n, -1))
@@ -126,9 +131,9 @@ def _corners(op, positions: List, canvas, scale) -> Iterator[Tuple]:
         yield op.Reshape(flat, flat_shape), op.Reshape(weight, flat_shape)
 
 
-def _gather(op, g: Geometry, input, weight, corners):
+def _gather(op, g: DeformConvShape, input, weight, corners):
     """Convolution: (B, groups, C_out / groups, P)."""
-    groups, cg, k = g.sample_groups, g.in_channels // g.sample_groups, g.num_kernel
+    groups, cg, k = g.sample_groups, g.channels_per_sample_group, g.kernel_points
     canvas = op.Transpose(op.Reshape(input, ints(op, 0, groups, cg, -1)), perm=[0, 1, 3, 2])  # (B, G, S, Cg)
     columns: Optional[object] = None
     for index, corner_weight in corners:
@@ -141,9 +146,9 @@ def _gather(op, g: Geometry, input, weight, corners):
     return op.MatMul(w, columns)
 
 
-def _scatter(op, g: Geometry, input, weight, corners, canvas):
+def _scatter(op, g: DeformConvShape, input, weight, corners, canvas):
     """Transposed: (B, G, Cg, S) sums of every kernel point's share, onto the output canvas."""
-    groups, cg, k = g.sample_groups, g.out_channels // g.sample_groups, g.num_kernel
+    groups, cg, k = g.sample_groups, g.channels_per_sample_group, g.kernel_points
     group_in, group_out = g.in_channels // g.groups, g.out_channels // g.groups
     x = op.Reshape(input, ints(op, 0, g.groups, group_in, -1))  # (B, groups, C_in/groups, P)
     w = op.Transpose(op.Reshape(weight, ints(op, g.groups, group_in, group_out * k)), perm=[0, 2, 1])
