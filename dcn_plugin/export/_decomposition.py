@@ -20,7 +20,6 @@ up and the output cast back.
 
 from __future__ import annotations
 
-import itertools
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -115,9 +114,10 @@ def _corners(op, positions: List, canvas, scale) -> Iterator[Tuple]:
     sizes = [op.Gather(canvas, op.Constant(value_int=d)) for d in range(n)]
     zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
     flat_shape = ints(op, 0, 0, -1, 1)
-    for bits in itertools.product((0, 1), repeat=n):
+    for corner in range(2**n):
         flat = inside = weight = None
-        for d, bit in enumerate(bits):
+        for d in range(n):
+            bit = corner >> d & 1  # as in csrc/sampling.h: bit d picks the upper neighbour along dim d
             index = op.Add(lows[d], one) if bit else lows[d]
             ok = op.And(op.GreaterOrEqual(index, zero), op.Less(index, sizes[d]))
             clamped = op.Clip(index, zero, op.Sub(sizes[d], one))
