@@ -1,18 +1,19 @@
 """Deformable convolution from standard ONNX ops, for the cases without a standard op (3d, transposed).
 
-Shapes: N spatial dims, K kernel points, G = ``lcm(offset_groups, mask_groups)`` sample groups of
-``Cg = sampled_channels / G`` channels, P points of the grid where offset and mask live (the output
-grid of the convolution, the input grid of the transposed op), S points of the sampled canvas (the
-input of the convolution, the output of the transposed op).
+Shapes (names as in :class:`dcn_plugin.ops.shapes.DeformConvShape`): N spatial dims, K kernel
+points, P points of the grid where offset and mask live (the output of the convolution, the input
+of the transposed op), S points of the image, the tensor that is sampled (the input of the
+convolution, the output of the transposed op), G = ``sample_groups`` groups of ``Cg`` image
+channels that share one offset and one mask.
 
 1. Positions, per dim d: ``p_d * stride_d - padding_d + k_d * dilation_d + offset_d``, (B, G, K, P).
-2. The ``2^N`` corners of every position: a flat canvas index (clamped into the canvas) and a
+2. The ``2^N`` corners of every position: a flat image index (clamped into the image) and a
    weight, the product of the per-dim linear weights, times the mask, zero where the corner lies
-   outside the canvas (so outside reads zero, as in the op).
-3. Convolution: ``GatherND`` of the canvas (B, G, S, Cg) at each corner, weighted and summed into
+   outside the image (so outside reads zero, as in the op).
+3. Convolution: ``GatherND`` of the image (B, G, S, Cg) at each corner, weighted and summed into
    columns (B, G, K*P, Cg), then one ``MatMul`` with the weight per convolution group.
    Transposed: the ``MatMul`` first, (B, G, K*P, Cg), then ``ScatterND(reduction='add')`` of each
-   corner's weighted share onto a zero canvas: the adjoint of the sampling.
+   corner's weighted share onto a zero image: the adjoint of the sampling.
 
 Positions and sums are in float32 (float64 for double inputs), as in the op; half inputs are cast
 up and the output cast back.
@@ -48,16 +49,16 @@ def deform_conv(op, g: DeformConvShape, input, weight, offset, mask, bias):
     input, weight, offset, mask, bias = map(cast, (input, weight, offset, mask, bias))
     grid = op.Shape(input, start=2) if g.transposed else op.Shape(offset if offset is not None else mask,
                                                                   start=2)
-    canvas = _transposed_size(op, g, input) if g.transposed else op.Shape(input, start=2)
+    image_size = _transposed_size(op, g, input) if g.transposed else op.Shape(input, start=2)
     positions = _positions(op, g, input, offset, grid, compute)
     scale = None
     if mask is not None:  # (B, G, K, P)
         scale = op.Reshape(repeat_groups(op, mask, g.mask_groups, g.sample_groups),
                            ints(op, 0, g.sample_groups, g.kernel_points, -1))
-    corners = list(_corners(op, positions, canvas, scale))
+    corners = list(_corners(op, positions, image_size, scale))
     if g.transposed:
-        out = _scatter(op, g, input, weight, corners, canvas)
-        out_grid = canvas
+        out = _scatter(op, g, input, weight, corners, image_size)
+        out_grid = image_size
     else:
         out = _gather(op, g, input, weight, corners)
         out_grid = grid
@@ -102,16 +103,16 @@ def _positions(op, g: DeformConvShape, input, offset, grid, compute) -> List:
     return positions
 
 
-def _corners(op, positions: List, canvas, scale) -> Iterator[Tuple]:
-    """Yields, for each of the ``2^N`` corners, the flat canvas index (B, G, K*P, 1) int64, clamped
-    into the canvas, and its weight (B, G, K*P, 1): the N-linear weight times ``scale`` (the mask,
-    (B, G, K, P), or None), zero where the corner lies outside the canvas."""
+def _corners(op, positions: List, image_size, scale) -> Iterator[Tuple]:
+    """Yields, for each of the ``2^N`` corners, the flat image index (B, G, K*P, 1) int64, clamped
+    into the image, and its weight (B, G, K*P, 1): the N-linear weight times ``scale`` (the mask,
+    (B, G, K, P), or None), zero where the corner lies outside the image."""
     n = len(positions)
     lows = [op.Floor(p) for p in positions]
     highs_weight = [op.Sub(p, low) for p, low in zip(positions, lows)]
     lows_weight = [op.Sub(op.CastLike(op.Constant(value_float=1.0), w), w) for w in highs_weight]
     lows = [op.Cast(low, to=ir.DataType.INT64) for low in lows]
-    sizes = [op.Gather(canvas, op.Constant(value_int=d)) for d in range(n)]
+    sizes = [op.Gather(image_size, op.Constant(value_int=d)) for d in range(n)]
     zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
     flat_shape = ints(op, 0, 0, -1, 1)
     for corner in range(2**n):
@@ -134,10 +135,10 @@ def _corners(op, positions: List, canvas, scale) -> Iterator[Tuple]:
 def _gather(op, g: DeformConvShape, input, weight, corners):
     """Convolution: (B, groups, C_out / groups, P)."""
     groups, cg, k = g.sample_groups, g.channels_per_sample_group, g.kernel_points
-    canvas = op.Transpose(op.Reshape(input, ints(op, 0, groups, cg, -1)), perm=[0, 1, 3, 2])  # (B, G, S, Cg)
+    image = op.Transpose(op.Reshape(input, ints(op, 0, groups, cg, -1)), perm=[0, 1, 3, 2])  # (B, G, S, Cg)
     columns: Optional[object] = None
     for index, corner_weight in corners:
-        sample = op.Mul(op.GatherND(canvas, index, batch_dims=2), corner_weight)  # (B, G, K*P, Cg)
+        sample = op.Mul(op.GatherND(image, index, batch_dims=2), corner_weight)  # (B, G, K*P, Cg)
         columns = sample if columns is None else op.Add(columns, sample)
     columns = op.Transpose(op.Reshape(columns, ints(op, 0, groups, k, -1, cg)), perm=[0, 1, 4, 2, 3])
     group_in = g.in_channels // g.groups
@@ -146,8 +147,8 @@ def _gather(op, g: DeformConvShape, input, weight, corners):
     return op.MatMul(w, columns)
 
 
-def _scatter(op, g: DeformConvShape, input, weight, corners, canvas):
-    """Transposed: (B, G, Cg, S) sums of every kernel point's share, onto the output canvas."""
+def _scatter(op, g: DeformConvShape, input, weight, corners, image_size):
+    """Transposed: (B, G, Cg, S) sums of every kernel point's share, onto the output (the image)."""
     groups, cg, k = g.sample_groups, g.channels_per_sample_group, g.kernel_points
     group_in, group_out = g.in_channels // g.groups, g.out_channels // g.groups
     x = op.Reshape(input, ints(op, 0, g.groups, group_in, -1))  # (B, groups, C_in/groups, P)
@@ -155,22 +156,22 @@ def _scatter(op, g: DeformConvShape, input, weight, corners, canvas):
     values = op.Reshape(op.MatMul(w, x), ints(op, 0, groups, cg, k, -1))  # (B, G, Cg, K, P)
     updates = op.Reshape(op.Transpose(values, perm=[0, 1, 3, 4, 2]), ints(op, 0, groups, -1, cg))
     batch = op.Shape(input, end=1)
-    size = op.ReduceProd(canvas, keepdims=1)
+    size = op.ReduceProd(image_size, keepdims=1)
     out = zeros(op, updates, op.Concat(batch, ints(op, groups), size, ints(op, cg), axis=0))  # (B, G, S, Cg)
     batch_group = None
     for index, corner_weight in corners:
         if batch_group is None:
             batch_group = _batch_group_index(op, index, groups)
-        where = op.Concat(batch_group, index, axis=-1)  # (B, G, K*P, 3): image, group, canvas point
+        where = op.Concat(batch_group, index, axis=-1)  # (B, G, K*P, 3): batch item, group, image point
         out = op.ScatterND(out, where, op.Mul(updates, corner_weight), reduction="add")
     return op.Transpose(out, perm=[0, 1, 3, 2])
 
 
 def _batch_group_index(op, index, groups: int):
-    """(B, G, K*P, 2): the image and the group of every entry of ``index`` (B, G, K*P, 1)."""
+    """(B, G, K*P, 2): the batch item and the group of every entry of ``index`` (B, G, K*P, 1)."""
     shape = op.Shape(index)
     batch_size = op.Gather(shape, op.Constant(value_int=0))
-    images = op.Reshape(op.Range(op.Constant(value_int=0), batch_size, op.Constant(value_int=1)),
-                        ints(op, -1, 1, 1, 1))
+    items = op.Reshape(op.Range(op.Constant(value_int=0), batch_size, op.Constant(value_int=1)),
+                       ints(op, -1, 1, 1, 1))
     group_ids = op.Reshape(ints(op, *range(groups)), ints(op, 1, -1, 1, 1))
-    return op.Concat(op.Expand(images, shape), op.Expand(group_ids, shape), axis=-1)
+    return op.Concat(op.Expand(items, shape), op.Expand(group_ids, shape), axis=-1)
