@@ -93,6 +93,7 @@ def sample_kernel(
     # allows 2^31 - 1 programs along axis 0, 65535 along the others); axis 1 is the kernel point.
     column_blocks = tl.cdiv(width, BLOCK_COLUMNS)
     tile = tl.program_id(0) // column_blocks
+    # column: position within this launch's columns; flat_column: within all columns of the call
     column = tl.program_id(0) % column_blocks * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
     k = tl.program_id(1)
     if WIDE:
@@ -100,7 +101,7 @@ def sample_kernel(
         k = k.to(tl.int64)
         tile = tile.to(tl.int64)
     column_ok = column < width
-    flat_column = first_column + column  # index into the (batch item, grid point) pairs of the call
+    flat_column = first_column + column
     b = flat_column // L
     l = flat_column % L
 
