@@ -1,6 +1,7 @@
-"""Which optional dependencies are installed, and a clear error for a room whose extra is missing.
+"""Which optional dependencies are installed, and a clear error for a part of the package whose extra
+is missing.
 
-The rooms of the package and what each needs (pyproject's extras name the pip packages):
+The parts of the package and what each needs (pyproject's extras name the pip packages):
 
 - ``dcn_plugin.ops``: torch only;
 - ``dcn_plugin.layers``, ``dcn_plugin.registry``: mmengine;
@@ -39,11 +40,12 @@ def installed(module: str) -> bool:
         return False
 
 
-def require(room: str, modules: Sequence[str], extra: str = "") -> None:
-    """Raises ``ImportError`` naming what ``room`` needs where any of ``modules`` is missing."""
+def require(what: str, modules: Sequence[str], extra: str = "") -> None:
+    """Raises ``ImportError`` naming what ``what`` (a module or function) needs where any of
+    ``modules`` is missing."""
     missing = [m for m in modules if not installed(m)]
     if not missing:
         return
     packages = ", ".join(_PIP_NAMES.get(m, m) for m in missing)
     hint = f"pip install 'dcn_plugin[{extra}]' (or: {packages})" if extra else f"pip install {packages}"
-    raise ImportError(f"{room} needs {', '.join(missing)}, which is not installed: {hint}")
+    raise ImportError(f"{what} needs {', '.join(missing)}, which is not installed: {hint}")

@@ -277,7 +277,7 @@ def make_tensors(
     f64 = torch.float64
     tensors: Dict[str, Optional[Tensor]] = {
         "input": torch.randn(case.batch, case.in_channels, *case.in_size, generator=g, dtype=f64),
-        "weight": torch.randn(*case.weight_shape, generator=g, dtype=f64) / math.sqrt(case.num_kernel),
+        "weight": torch.randn(*case.weight_shape, generator=g, dtype=f64) / math.sqrt(case.kernel_points),
         "offset": None,
         "mask": None,
         "bias": torch.randn(case.out_channels, generator=g, dtype=f64) if case.bias else None,

@@ -190,8 +190,8 @@ def test_colliding_samples(triton_device, transposed):
     adds collide within a program and across programs."""
     case = _case(2, transposed, in_size=5, offset_groups=1, mask_groups=1)
     kernel = torch.meshgrid(*[torch.arange(k) for k in case.kernel], indexing="ij")
-    grid = torch.meshgrid(*[torch.arange(size) for size in case.grid], indexing="ij")
-    offset = torch.empty(case.batch, case.num_kernel, 2, *case.grid, dtype=torch.float64)
+    grid = torch.meshgrid(*[torch.arange(size) for size in case.grid_size], indexing="ij")
+    offset = torch.empty(case.batch, case.kernel_points, 2, *case.grid_size, dtype=torch.float64)
     for d, target in enumerate((1.25, 2.75)):
         base = grid[d] * case.stride[d] - case.padding[d] + (kernel[d] * case.dilation[d]).reshape(-1, 1, 1)
         offset[:, :, d] = target - base
@@ -271,34 +271,28 @@ def test_deterministic_mode(triton_device, transposed):
 # 64-bit indices.
 
 
-def _huge_geometry(**overrides):
-    from dcn_plugin.ops.triton.geometry import Geometry
-
-    fields = dict(dims=2, batch=1, groups=1, image_channels=4, grid_channels=4, image_size=(8, 8),
-                  grid_size=(8, 8), kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1),
-                  offset_groups=1, mask_groups=1, output_shape=(1, 4, 8, 8))
-    return Geometry(**{**fields, **overrides})
-
-
 def test_index_width_choice():
     """64-bit indices exactly where some tensor or index of a launch reaches 2^31 elements, judged
     from the extents alone (nothing that large is allocated)."""
+    from dcn_plugin.ops.shapes import DeformConvShape
     from dcn_plugin.ops.triton.kernels import Launch, launch_extents, needs_wide_index
 
     assert not needs_wide_index(2**31 - 1) and needs_wide_index(2**31) and not needs_wide_index()
-    small = _huge_geometry()
+    small = DeformConvShape.build(2, batch=1, in_channels=4, out_channels=4, in_size=8)
     assert not needs_wide_index(*launch_extents(Launch(small, 0, 64)))
-    side = 2**15  # one image of 4 x 2^30 elements
-    image = dataclasses.replace(small, image_size=(side, side), grid_size=(2, 2))
+    side = 2**15  # one image of 4 x 2^30 elements, sampled on a 2 x 2 grid
+    image = dataclasses.replace(small, in_size=(side, side), stride=(side // 2, side // 2))
+    assert image.image_size == (side, side) and image.grid_size == (2, 2)
     assert needs_wide_index(*launch_extents(Launch(image, 0, 4)))
-    # a grid of 2^30 points: its 18 offset channels reach 2^31 elements
-    grid = dataclasses.replace(small, grid_size=(side, side), image_size=(2, 2))
+    # a grid of 2^30 points over a 2 x 2 image: its 18 offset channels reach 2^31 elements
+    grid = dataclasses.replace(small, in_size=(2, 2), padding=(side // 2, side // 2))
+    assert grid.grid_size == (side, side)
     assert needs_wide_index(*launch_extents(Launch(grid, 0, 4)))
     # columns: 4 channels x 9 kernel points x 2^26 columns in one chunk
     assert needs_wide_index(*launch_extents(Launch(small, 0, 2**26)))
     assert not needs_wide_index(*launch_extents(Launch(small, 0, 2**20)))
-    # many images: the flattened (batch, grid point) index alone
-    batch = dataclasses.replace(small, batch=2**25, offset_groups=0, mask_groups=0, image_channels=0)
+    # many images: the flattened (batch item, grid point) index alone
+    batch = dataclasses.replace(small, batch=2**25, offset_groups=0, mask_groups=0, in_channels=0)
     assert needs_wide_index(*launch_extents(Launch(batch, 0, 4)))
 
 

@@ -163,3 +163,12 @@ def test_without_the_deploy_extra_export_names_it():
             print('IMPORT ERROR:', exc)
     """)
     assert "needs onnxruntime" in out and "pip install 'dcn_plugin[deploy]'" in out
+
+
+def test_no_import_cycles_and_no_private_name_imports():
+    """No module of the package imports itself through others, and none imports another module's
+    private names (``tools/check_imports.py`` reads the imports with ``ast``)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "check_imports.py")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 import cycle(s), 0 private-name import(s)" in result.stdout

@@ -7,7 +7,7 @@ run on any machine, so this checks what the interpreter cannot: that a real comp
 kernels, for every launch the drivers make. ``--all`` compiles every variant of
 :func:`launch_variants`; a SPEC names one:
 
-- ``N,DTYPE,KIND,WIDE[,BLOCK_C]`` for the convolution's ``sample_kernel``
+- ``N,DTYPE,KIND,WIDE[,BLOCK_CHANNELS]`` for the convolution's ``sample_kernel``
   (e.g. ``2,bf16,CSom+off+mask,False``);
 - ``roi,DTYPE,KIND[,BLOCK_C]`` for ``roi_pool_kernel`` (e.g. ``roi,fp16,mmcv-backward``).
 
@@ -154,12 +154,12 @@ def sample_source(n: int, dtype: str, kind: str, wide: bool, block_c: int):
     ``(source, num_warps)``."""
     import triton.language as tl
 
-    from dcn_plugin.ops.triton.kernels import BLOCK_Q, sample_kernel, sample_warps
+    from dcn_plugin.ops.triton.kernels import BLOCK_COLUMNS, sample_kernel, sample_warps
 
     acc = "fp64" if dtype == "fp64" else "fp32"
     constants = {flag: KINDS[kind].get(flag, False) for flag in FLAGS}
-    constants.update(N=n, ACC=tl.float64 if acc == "fp64" else tl.float32, WIDE=wide, BLOCK_C=block_c,
-                     BLOCK_Q=BLOCK_Q)
+    constants.update(N=n, ACC=tl.float64 if acc == "fp64" else tl.float32, WIDE=wide, BLOCK_CHANNELS=block_c,
+                     BLOCK_COLUMNS=BLOCK_COLUMNS)
     names = sample_kernel.arg_names
     pointers = {name: "*" + {"grad_image": acc, "partial": acc}.get(name, dtype) for name in names[:7]}
     types = {name: pointers.get(name, "i64" if wide else "i32") for name in names}

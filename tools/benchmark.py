@@ -99,7 +99,7 @@ GPU_CASES: Dict[str, DeformConvShape] = {
 def make_inputs(name: str, case: DeformConvShape, device: str, dtype: torch.dtype) -> Tensors:
     """Deterministic inputs: offsets ~ N(0, 1.5^2) pixels, mask = sigmoid(N(0, 1)) as a DCNv2 layer gives."""
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    fan_in = case.weight_shape[1] * case.num_kernel
+    fan_in = case.weight_shape[1] * case.kernel_points
     tensors: Tensors = {
         "input": torch.randn(case.batch, case.in_channels, *case.in_size, generator=gen),
         "weight": torch.randn(case.weight_shape, generator=gen) / math.sqrt(fan_in),

@@ -17,9 +17,10 @@ no offset and no mask (any N, plain or transposed)      ``Conv`` / ``ConvTranspo
 
 ``DeformConv`` takes one mask group per offset group (mask ``(B, offset_group * K, H, W)``);
 offsets and masks in different numbers of groups are both repeated to
-``lcm(offset_groups, mask_groups)`` groups, which is exact because a group of ``lcm`` channels
-lies inside one offset group and one mask group. A mask without offsets gets zero offsets.
-With ``decompose=True`` 1d and 2d use the decomposition too (for runtimes without ``DeformConv``).
+``lcm(offset_groups, mask_groups)`` groups (``DeformConvShape.sample_groups``), which is exact
+because each of those groups of channels lies inside one offset group and one mask group. A mask
+without offsets gets zero offsets. With ``decompose=True`` 1d and 2d use the decomposition too (for
+runtimes without ``DeformConv``).
 
 The translation is a plain Python function traced by the exporter: it sees the op's tensor
 arguments as symbolic values with shapes and dtypes, and its int arguments as Python values.
@@ -28,14 +29,14 @@ arguments as symbolic values with shapes and dtypes, and its int arguments as Py
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 import onnxscript
 import torch
 from onnxscript import ir
 
 from ..ops._library import require_ops
+from ..ops.shapes import DeformConvShape
 from . import _decomposition
 from ._graph import ints, repeat_groups, zeros
 
@@ -69,78 +70,35 @@ class DeformConvExportError(ValueError):
     """
 
 
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """The static facts of one call of the op (``offset_groups`` / ``mask_groups``: 0 when absent)."""
-
-    kernel: Tuple[int, ...]
-    stride: Tuple[int, ...]
-    padding: Tuple[int, ...]
-    dilation: Tuple[int, ...]
-    output_padding: Tuple[int, ...]
-    groups: int
-    transposed: bool
-    in_channels: int
-    out_channels: int
-    offset_groups: int
-    mask_groups: int
-
-    @property
-    def n(self) -> int:
-        return len(self.kernel)
-
-    @property
-    def num_kernel(self) -> int:
-        return math.prod(self.kernel)
-
-    @property
-    def sample_groups(self) -> int:
-        """Groups of sampled channels with one offset and one mask: ``lcm`` of the present ones."""
-        return math.lcm(self.offset_groups or 1, self.mask_groups or 1)
-
-    def describe(self) -> str:
-        kind = f"{self.n}d {'transposed ' if self.transposed else ''}deformable convolution"
-        parts = [f"offset_groups={self.offset_groups}" if self.offset_groups else "no offset",
-                 f"mask_groups={self.mask_groups}" if self.mask_groups else "no mask"]
-        return f"{kind} ({', '.join(parts)}, kernel={self.kernel}, groups={self.groups})"
+def _describe(g: DeformConvShape) -> str:
+    """The case, for error messages: e.g. ``2d deformable convolution (offset_groups=1, no mask, ...)``."""
+    kind = f"{g.n}d {'transposed ' if g.transposed else ''}deformable convolution"
+    parts = [f"offset_groups={g.offset_groups}" if g.offset_groups else "no offset",
+             f"mask_groups={g.mask_groups}" if g.mask_groups else "no mask"]
+    return f"{kind} ({', '.join(parts)}, kernel={g.kernel}, groups={g.groups})"
 
 
-def _error(geometry: Optional[Geometry], problem: str) -> DeformConvExportError:
-    case = f" a {geometry.describe()}" if geometry is not None else ""
+def _error(g: Optional[DeformConvShape], problem: str) -> DeformConvExportError:
+    case = f" a {_describe(g)}" if g is not None else ""
     return DeformConvExportError(f"dcn_plugin::deform_conv: cannot export{case}: {problem}. {SUPPORTED}.")
 
 
-def _static(value, axis: int, name: str) -> int:
-    """The size of ``value`` along ``axis``, which must be known at export time."""
-    size = value.shape[axis]
-    if not isinstance(size, int):
-        raise _error(None, f"{name} has a dynamic size {size} along dim {axis}; channel counts and kernel "
-                     "sizes must be static")
-    return size
-
-
-def geometry_of(input, weight, offset, mask, stride, padding, dilation, transposed, output_padding,
-                groups) -> Geometry:
-    """The :class:`Geometry` of a call, from the op's arguments as the exporter passes them."""
-    n = len(weight.shape) - 2
-    kernel = tuple(_static(weight, 2 + d, "weight") for d in range(n))
-    k = math.prod(kernel)
-    first, second = _static(weight, 0, "weight"), _static(weight, 1, "weight")
-    return Geometry(
-        kernel=kernel, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
-        output_padding=tuple(output_padding), groups=int(groups), transposed=bool(transposed),
-        in_channels=first if transposed else second * groups,
-        out_channels=second * groups if transposed else first,
-        offset_groups=_static(offset, 1, "offset") // (n * k) if offset is not None else 0,
-        mask_groups=_static(mask, 1, "mask") // k if mask is not None else 0,
-    )
+def _shape_of(input, weight, offset, mask, stride, padding, dilation, transposed, output_padding,
+              groups) -> DeformConvShape:
+    """The sizes of a call, from the op's arguments as the exporter passes them (batch and spatial
+    sizes may be symbolic; channel counts and kernel sizes must be static)."""
+    try:
+        return DeformConvShape.of(input, weight, offset, mask, stride, padding, dilation, transposed,
+                                  output_padding, int(groups))
+    except ValueError as exc:  # a dynamic channel count or kernel size
+        raise _error(None, str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------------
 # The cases.
 
 
-def _plain_conv(op, g: Geometry, input, weight, bias):
+def _plain_conv(op, g: DeformConvShape, input, weight, bias):
     """No offset and no mask: exactly ``Conv`` / ``ConvTranspose``."""
     attributes = dict(strides=list(g.stride), pads=list(g.padding) * 2, dilations=list(g.dilation),
                       group=g.groups, kernel_shape=list(g.kernel))
@@ -149,13 +107,13 @@ def _plain_conv(op, g: Geometry, input, weight, bias):
     return op.Conv(input, weight, bias, **attributes)
 
 
-def _deform_conv_2d(op, g: Geometry, input, weight, offset, mask, bias):
+def _deform_conv_2d(op, g: DeformConvShape, input, weight, offset, mask, bias):
     """ONNX ``DeformConv``: input (B, C_in, H, W), offset (B, G * 2 * K, H_out, W_out), mask
     (B, G * K, H_out, W_out) with G = ``g.sample_groups``."""
     groups = g.sample_groups
     if offset is None:
-        shape = op.Concat(op.Shape(mask, end=1), ints(op, groups * 2 * g.num_kernel), op.Shape(mask, start=2),
-                          axis=0)
+        shape = op.Concat(op.Shape(mask, end=1), ints(op, groups * 2 * g.kernel_points),
+                          op.Shape(mask, start=2), axis=0)
         offset = zeros(op, mask, shape)
     else:
         offset = repeat_groups(op, offset, g.offset_groups, groups)
@@ -166,7 +124,7 @@ def _deform_conv_2d(op, g: Geometry, input, weight, offset, mask, bias):
                          strides=list(g.stride))
 
 
-def _deform_conv_1d(op, g: Geometry, input, weight, offset, mask, bias):
+def _deform_conv_1d(op, g: DeformConvShape, input, weight, offset, mask, bias):
     """1d as 2d on ``(B, C, L, 1)``: kernel (k, 1), and per kernel point the displacement pair
     ``(offset, 0)``, so the unit dim is always sampled at its one integer position (exact)."""
     last = ints(op, 3)
@@ -177,13 +135,14 @@ def _deform_conv_1d(op, g: Geometry, input, weight, offset, mask, bias):
                                              ints(op, 1), axis=0))
     if mask is not None:
         mask = op.Unsqueeze(mask, last)
-    g2 = dataclasses.replace(g, kernel=(*g.kernel, 1), stride=(*g.stride, 1), padding=(*g.padding, 0),
-                             dilation=(*g.dilation, 1), output_padding=(*g.output_padding, 0))
+    g2 = dataclasses.replace(g, in_size=(*g.in_size, 1), kernel=(*g.kernel, 1), stride=(*g.stride, 1),
+                             padding=(*g.padding, 0), dilation=(*g.dilation, 1),
+                             output_padding=(*g.output_padding, 0))
     out = _deform_conv_2d(op, g2, op.Unsqueeze(input, last), op.Unsqueeze(weight, last), offset, mask, bias)
     return op.Squeeze(out, last)
 
 
-def _check_deform_conv(g: Geometry, dtype, opset_version: int) -> None:
+def _check_deform_conv(g: DeformConvShape, dtype, opset_version: int) -> None:
     if opset_version < _DEFORM_CONV_OPSET:
         raise _error(g, f"ONNX DeformConv needs opset_version >= {_DEFORM_CONV_OPSET}, got {opset_version} "
                      "(export with opset_version >= 19, or with onnx_translation_table(decompose=True))")
@@ -210,8 +169,8 @@ def _translation(opset_version: int, decompose: bool) -> Callable:
     def dcn_plugin_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, transposed,
                                output_padding, groups):
         """Traced by the exporter with the op's arguments; returns the output value (B, C_out, *out)."""
-        g = geometry_of(input, weight, offset, mask, stride, padding, dilation, transposed, output_padding,
-                        groups)
+        g = _shape_of(input, weight, offset, mask, stride, padding, dilation, transposed, output_padding,
+                      groups)
         if offset is None and mask is None:
             return _plain_conv(op, g, input, weight, bias)
         if decompose or g.transposed or g.n == 3:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from .shapes import deform_conv_output_shape
+from .shapes import DeformConvShape
 
 _LOAD_ERROR: Optional[BaseException] = None
 try:
@@ -121,8 +121,8 @@ if _C is not None:
     def _deform_conv_fake(input, weight, offset, mask, bias, stride, padding, dilation, transposed,
                           output_padding, groups):
         torch._check(input.dim() == weight.dim(), lambda: "input and weight must have the same rank")
-        shape = deform_conv_output_shape(input.shape, weight.shape, stride, padding, dilation, transposed,
-                                         output_padding, groups)
+        shape = DeformConvShape.of(input, weight, offset, mask, stride, padding, dilation, transposed,
+                                   output_padding, groups).output_shape
         return torch.empty(shape, dtype=input.dtype, device=input.device,
                            memory_format=_output_format(input, weight))
 

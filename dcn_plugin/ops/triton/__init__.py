@@ -6,7 +6,7 @@ Imported only when an op runs on a CUDA tensor (or by the tests, under Triton's 
 Design: sampling kernels feeding matrix products (``driver.py`` + ``kernels.py``), the same
 algebra as the C++ CPU driver, rather than implicit-GEMM kernels that gather samples straight
 into ``tl.dot`` tiles. Implicit GEMM saves the column buffer's memory traffic and is the likelier
-route to the issue's bf16 speed targets, but it needs per-GPU tuning of tile shapes, pipelining
+route to higher bf16 speed, but it needs per-GPU tuning of tile shapes, pipelining
 and split reductions for the weight and offset gradients, which cannot be done without a GPU to
 measure on; this project has none yet. The sampling route is correct by construction from
 pieces that are each simple to check under the interpreter (one gather/scatter kernel, and
