@@ -20,8 +20,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/util/accumulate.h>
 #include <Python.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -53,11 +53,10 @@ struct Problem {
 };
 
 void check_same(const at::Tensor& input, const at::Tensor& other, const char* name) {
-  TORCH_CHECK(other.device() == input.device(), "deform_conv: ", name, " is on ", other.device(),
-              " but input is on ", input.device(), "; all tensors must be on the same device");
-  TORCH_CHECK(other.scalar_type() == input.scalar_type(), "deform_conv: ", name, " has dtype ",
-              other.scalar_type(), " but input has dtype ", input.scalar_type(),
-              "; all tensors must have the same dtype");
+  TORCH_CHECK(other.device() == input.device(), "deform_conv: ", name, " is on ", other.device(), " but input is on ",
+              input.device(), "; all tensors must be on the same device");
+  TORCH_CHECK(other.scalar_type() == input.scalar_type(), "deform_conv: ", name, " has dtype ", other.scalar_type(),
+              " but input has dtype ", input.scalar_type(), "; all tensors must have the same dtype");
 }
 
 void check_grid_tensor(const at::Tensor& t, const char* name, int64_t per_group, const char* per_group_text,
@@ -66,15 +65,13 @@ void check_grid_tensor(const at::Tensor& t, const char* name, int64_t per_group,
   const int64_t n = g.dims;
   TORCH_CHECK(t.dim() == n + 2, "deform_conv: ", name, " must have shape (batch, groups * ", per_group_text,
               ", *grid) with ", n, " grid dims, got shape ", shape_str(t.sizes()));
-  TORCH_CHECK(t.size(0) == p.batch, "deform_conv: ", name, " has batch size ", t.size(0), " but input has ",
-              p.batch);
+  TORCH_CHECK(t.size(0) == p.batch, "deform_conv: ", name, " has batch size ", t.size(0), " but input has ", p.batch);
   const int64_t channels = t.size(1);
   TORCH_CHECK(channels > 0 && channels % per_group == 0, "deform_conv: ", name, " has ", channels,
               " channels, which is not a positive multiple of ", per_group_text, " = ", per_group);
   const int64_t groups = channels / per_group;
   TORCH_CHECK(p.image_channels % groups == 0, "deform_conv: ", name, " has ", groups, " groups (", channels,
-              " channels / ", per_group, "), which does not divide the ", p.image_channels,
-              " channels being sampled");
+              " channels / ", per_group, "), which does not divide the ", p.image_channels, " channels being sampled");
   for (int64_t d = 0; d < n; ++d) {
     TORCH_CHECK(t.size(2 + d) == g.grid_size[d], "deform_conv: ", name, " has spatial shape ",
                 shape_str(t.sizes().slice(2)), " but the ", "grid it must cover has shape ",
@@ -84,18 +81,18 @@ void check_grid_tensor(const at::Tensor& t, const char* name, int64_t per_group,
 }
 
 void check_params(at::IntArrayRef values, int64_t n, const char* name, int64_t minimum) {
-  TORCH_CHECK(static_cast<int64_t>(values.size()) == n, "deform_conv: ", name, " must have ", n,
-              " values for a ", n, "d convolution, got ", shape_str(values));
+  TORCH_CHECK(static_cast<int64_t>(values.size()) == n, "deform_conv: ", name, " must have ", n, " values for a ", n,
+              "d convolution, got ", shape_str(values));
   for (auto v : values) {
-    TORCH_CHECK(v >= minimum, "deform_conv: ", name, " must be ", minimum > 0 ? "positive" : "non-negative",
-                ", got ", shape_str(values));
+    TORCH_CHECK(v >= minimum, "deform_conv: ", name, " must be ", minimum > 0 ? "positive" : "non-negative", ", got ",
+                shape_str(values));
   }
 }
 
 Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
-                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-                 at::IntArrayRef output_padding, int64_t groups) {
+                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                 at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                 int64_t groups) {
   TORCH_CHECK(weight.dim() >= 3 && weight.dim() <= 2 + kMaxDims,
               "deform_conv: weight must have 3, 4 or 5 dims (out, in / groups, *kernel_size), got shape ",
               shape_str(weight.sizes()));
@@ -115,8 +112,7 @@ Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::o
   check_params(output_padding, n, "output_padding", 0);
   TORCH_CHECK(groups > 0, "deform_conv: groups must be positive, got ", groups);
   for (int64_t d = 0; d < n; ++d) {
-    TORCH_CHECK(weight.size(2 + d) > 0, "deform_conv: weight has an empty kernel, shape ",
-                shape_str(weight.sizes()));
+    TORCH_CHECK(weight.size(2 + d) > 0, "deform_conv: weight has an empty kernel, shape ", shape_str(weight.sizes()));
     if (transposed) {
       TORCH_CHECK(output_padding[d] < stride[d] || output_padding[d] < dilation[d],
                   "deform_conv: output_padding must be smaller than stride or dilation, got output_padding ",
@@ -133,8 +129,9 @@ Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::o
   const int64_t in_channels = input.size(1);
   int64_t out_channels;
   if (transposed) {
-    TORCH_CHECK(weight.size(0) == in_channels, "deform_conv: the transposed op's weight must have shape (in_channels=",
-                in_channels, ", out_channels / groups, *kernel_size), got weight shape ", shape_str(weight.sizes()));
+    TORCH_CHECK(weight.size(0) == in_channels,
+                "deform_conv: the transposed op's weight must have shape (in_channels=", in_channels,
+                ", out_channels / groups, *kernel_size), got weight shape ", shape_str(weight.sizes()));
     TORCH_CHECK(in_channels % groups == 0, "deform_conv: groups=", groups, " does not divide the ", in_channels,
                 " input channels");
     out_channels = weight.size(1) * groups;
@@ -145,8 +142,8 @@ Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::o
                 " with groups=", groups, " expects ", weight.size(1) * groups, " input channels, but input has ",
                 in_channels);
     out_channels = weight.size(0);
-    TORCH_CHECK(out_channels % groups == 0, "deform_conv: groups=", groups, " does not divide the ",
-                out_channels, " output channels of weight");
+    TORCH_CHECK(out_channels % groups == 0, "deform_conv: groups=", groups, " does not divide the ", out_channels,
+                " output channels of weight");
     p.image_channels = in_channels;
     p.grid_channels = out_channels;
   }
@@ -195,8 +192,8 @@ Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::o
   }
   if (mask) check_grid_tensor(*mask, "mask", kernel_points, "K", p, &g.mask_groups);
   if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, "deform_conv: bias must have shape (",
-                out_channels, ",), got ", shape_str(bias->sizes()));
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, "deform_conv: bias must have shape (", out_channels,
+                ",), got ", shape_str(bias->sizes()));
   }
   return p;
 }
@@ -370,10 +367,10 @@ at::Tensor sum_in_order(const std::vector<at::Tensor>& terms) {
 struct Call {
   const Problem& p;
   const Geometry& g;
-  const at::ScalarType dtype;      // of columns, products and sums
+  const at::ScalarType dtype;  // of columns, products and sums
   const at::TensorOptions options;
-  const int64_t K, L, rows;        // rows: the B * L grid points of the batch
-  const at::Tensor offset, mask;   // in the column dtype
+  const int64_t K, L, rows;       // rows: the B * L grid points of the batch
+  const at::Tensor offset, mask;  // in the column dtype
 
   Call(const Problem& p_, const at::Tensor& input, const std::optional<at::Tensor>& offset_,
        const std::optional<at::Tensor>& mask_)
@@ -486,7 +483,8 @@ class Parts {
     if (scatter.defined()) {  // private copies: within the workspace limit
       const int64_t image_bytes = scatter.numel() / std::max<int64_t>(batch, 1) * scatter.element_size();
       const int64_t images_per_part = c.rows / count / std::max<int64_t>(L, 1) + 2;
-      count = std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(1, image_bytes * images_per_part) + 1, 1, count);
+      count =
+          std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(1, image_bytes * images_per_part) + 1, 1, count);
     }
     for (int64_t q = 0; q < count; ++q) {
       Part part{c.rows * q / count, c.rows * (q + 1) / count};
@@ -669,8 +667,7 @@ void column_backward(const SamplingKernels& kernels, const Call& c, bool transpo
 
 // d weight (and d offset, d mask) in one sweep; d input by the depthwise forward of the other role.
 void depthwise_backward(const SamplingKernels& kernels, const Call& c, bool transposed, const Wanted& want,
-                        const at::Tensor& image, const at::Tensor& dense, const at::Tensor& weight,
-                        Gradients& grads) {
+                        const at::Tensor& image, const at::Tensor& dense, const at::Tensor& weight, Gradients& grads) {
   if (want.weight || want.coordinates()) {
     const Parts parts(c);
     std::vector<at::Tensor> weight_sums(parts.size());  // scratch sums when only coordinates are wanted
@@ -687,8 +684,8 @@ void depthwise_backward(const SamplingKernels& kernels, const Call& c, bool tran
     grads.weight = sum_in_order(weight_sums);
   }
   if (want.input) {
-    grads.input = transposed ? depthwise_forward(kernels, c, image, weight)
-                             : depthwise_transposed(kernels, c, dense, weight);
+    grads.input =
+        transposed ? depthwise_forward(kernels, c, image, weight) : depthwise_transposed(kernels, c, dense, weight);
   }
 }
 
@@ -698,11 +695,11 @@ int64_t workspace_limit() { return g_workspace_limit.load(); }
 
 at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
-                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-                               at::IntArrayRef output_padding, int64_t groups) {
-  const Problem p = describe(input, weight, offset, mask, bias, stride, padding, dilation, transposed,
-                             output_padding, groups);
+                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                               int64_t groups) {
+  const Problem p =
+      describe(input, weight, offset, mask, bias, stride, padding, dilation, transposed, output_padding, groups);
   const Call c(p, input, offset, mask);
   const at::Tensor x = to_channels_last(kernels, input, c.dtype);
   at::Tensor out;
@@ -711,7 +708,8 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
     out = transposed ? depthwise_transposed(kernels, c, x, w) : depthwise_forward(kernels, c, x, w);
   } else {
     const at::Tensor w = c.column_weight(weight);
-    out = transposed ? convolve_transposed(kernels, c, x.view({c.rows, p.grid_channels}), w) : convolve(kernels, c, x, w);
+    out =
+        transposed ? convolve_transposed(kernels, c, x.view({c.rows, p.grid_channels}), w) : convolve(kernels, c, x, w);
   }
   out = from_channels_last(kernels, out.view(transposed ? c.image_shape() : c.grid_shape()),
                            output_format(input, weight), input.scalar_type());
@@ -724,10 +722,10 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
-    const SamplingKernels& kernels, const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& weight, const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-    at::IntArrayRef output_padding, int64_t groups, std::array<bool, 4> output_mask) {
+    const SamplingKernels& kernels, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
+    std::array<bool, 4> output_mask) {
   const Problem p = describe(input, weight, offset, mask, std::nullopt, stride, padding, dilation, transposed,
                              output_padding, groups);
   check_grad_output(p, input, grad_output);
@@ -736,7 +734,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   // Gradients that are not asked for come back as empty tensors (distinct ones: outputs never alias).
   std::array<at::Tensor, 4> result;
   for (at::Tensor& r : result) r = input.new_empty({0});
-  if (!(want.input || want.weight || want.coordinates())) return std::make_tuple(result[0], result[1], result[2], result[3]);
+  if (!(want.input || want.weight || want.coordinates()))
+    return std::make_tuple(result[0], result[1], result[2], result[3]);
 
   const Call c(p, input, offset, mask);
   Gradients grads;
@@ -760,7 +759,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
     result[0] = from_channels_last(kernels, cl, input.suggest_memory_format(), dtype);
   }
   if (want.weight) {
-    const at::Tensor w = is_depthwise(p) ? grads.weight.t().reshape(weight.sizes()) : weight_from_columns(grads.weight, weight);
+    const at::Tensor w =
+        is_depthwise(p) ? grads.weight.t().reshape(weight.sizes()) : weight_from_columns(grads.weight, weight);
     result[1] = in_format(w, weight.suggest_memory_format(), dtype);
   }
   if (want.offset) result[2] = grads.offset.to(dtype);

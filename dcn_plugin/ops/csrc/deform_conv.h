@@ -11,14 +11,14 @@ namespace dcn_plugin {
 
 at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
-                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-                               at::IntArrayRef output_padding, int64_t groups);
+                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                               int64_t groups);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
-    const SamplingKernels& kernels, const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& weight, const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-    at::IntArrayRef output_padding, int64_t groups, std::array<bool, 4> output_mask);
+    const SamplingKernels& kernels, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
+    std::array<bool, 4> output_mask);
 
 }  // namespace dcn_plugin

@@ -33,8 +33,8 @@ RoiPoolProblem describe_common(const char* op, const at::Tensor& input, const at
               ": rois must have shape (R, 5), rows [batch_index, x1, y1, x2, y2], got shape ", rois.sizes());
   TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be a floating-point tensor, got ",
               rois.scalar_type());
-  TORCH_CHECK(rois.device() == input.device(), op, ": rois is on ", rois.device(), " but input is on ",
-              input.device(), "; all tensors must be on the same device");
+  TORCH_CHECK(rois.device() == input.device(), op, ": rois is on ", rois.device(), " but input is on ", input.device(),
+              "; all tensors must be on the same device");
   if (offset) check_same(op, input, *offset, "offset");
   TORCH_CHECK(std::isfinite(spatial_scale) && spatial_scale > 0, op, ": spatial_scale must be positive, got ",
               spatial_scale);
@@ -109,8 +109,8 @@ RoiPoolProblem describe_deform_psroi_pool(const at::Tensor& input, const at::Ten
   check_positive(op, sample_per_part, "sample_per_part");
   TORCH_CHECK(std::isfinite(trans_std), op, ": trans_std must be finite, got ", trans_std);
   const int64_t groups = group_size * group_size;
-  TORCH_CHECK(input.size(1) == output_dim * groups, op, ": input must have output_dim * group_size^2 = ",
-              output_dim, " * ", group_size, "^2 = ", output_dim * groups, " channels, got ", input.size(1));
+  TORCH_CHECK(input.size(1) == output_dim * groups, op, ": input must have output_dim * group_size^2 = ", output_dim,
+              " * ", group_size, "^2 = ", output_dim * groups, " channels, got ", input.size(1));
   RoiPoolSpec& s = p.spec;
   s.rule = RoiRule::kRfcn;
   s.pooled_h = s.pooled_w = pooled_size;
@@ -125,8 +125,9 @@ RoiPoolProblem describe_deform_psroi_pool(const at::Tensor& input, const at::Ten
     s.classes = offset->size(1) / 2;
     TORCH_CHECK(output_dim % s.classes == 0, op, ": offset has ", s.classes, " classes (", offset->size(1),
                 " channels / 2), which does not divide output_dim = ", output_dim);
-    const std::string expected = "(R=" + std::to_string(p.rois) + ", 2 * classes, part_size=" +
-                                 std::to_string(part_size) + ", part_size=" + std::to_string(part_size) + ")";
+    const std::string expected = "(R=" + std::to_string(p.rois) +
+                                 ", 2 * classes, part_size=" + std::to_string(part_size) +
+                                 ", part_size=" + std::to_string(part_size) + ")";
     check_offset_shape(p, *offset, expected.c_str());
   }
   check_grad_output(p, input, grad_output);
@@ -171,8 +172,7 @@ at::Tensor roi_table(const RoiPoolProblem& p, const at::Tensor& rois_, at::Scala
     // mmcv: ceil(size / pooled) samples, none for an empty (or inverted, or non-finite) RoI.
     return at::nan_to_num(at::ceil(size / static_cast<double>(pooled)), 0, 0, 0).clamp_min(0);
   };
-  return at::stack({index, y0, x0, height, width, grid(height, s.pooled_h), grid(width, s.pooled_w)}, 1)
-      .contiguous();
+  return at::stack({index, y0, x0, height, width, grid(height, s.pooled_h), grid(width, s.pooled_w)}, 1).contiguous();
 }
 
 namespace {
@@ -189,13 +189,11 @@ at::Tensor deform_roi_pool_table(const at::Tensor& input, const at::Tensor& rois
 }
 
 at::Tensor deform_psroi_pool_table(const at::Tensor& input, const at::Tensor& rois,
-                                   const std::optional<at::Tensor>& offset, double spatial_scale,
-                                   int64_t output_dim, int64_t group_size, int64_t pooled_size, int64_t part_size,
-                                   int64_t sample_per_part, double trans_std,
-                                   const std::optional<at::Tensor>& grad_output) {
+                                   const std::optional<at::Tensor>& offset, double spatial_scale, int64_t output_dim,
+                                   int64_t group_size, int64_t pooled_size, int64_t part_size, int64_t sample_per_part,
+                                   double trans_std, const std::optional<at::Tensor>& grad_output) {
   const RoiPoolProblem p = describe_deform_psroi_pool(input, rois, offset, spatial_scale, output_dim, group_size,
-                                                      pooled_size, part_size, sample_per_part, trans_std,
-                                                      grad_output);
+                                                      pooled_size, part_size, sample_per_part, trans_std, grad_output);
   return roi_table(p, rois, roi_compute_dtype(input.scalar_type()), /*host_check=*/false);
 }
 

@@ -42,12 +42,12 @@ enum RoiColumn : int64_t { kBatch, kY0, kX0, kHeight, kWidth, kGridH, kGridW, kR
 struct RoiPoolSpec {
   RoiRule rule = RoiRule::kMmcv;
   int64_t pooled_h = 1, pooled_w = 1;
-  int64_t group_size = 1;    // G: position-sensitive groups per side
+  int64_t group_size = 1;  // G: position-sensitive groups per side
   int64_t part_h = 1, part_w = 1;
-  int64_t classes = 1;       // offset classes (1 without offsets)
+  int64_t classes = 1;  // offset classes (1 without offsets)
   double spatial_scale = 1;
-  int64_t sampling = 0;      // samples per bin and axis; 0: adaptive, ceil(bin size) (mmcv)
-  double offset_scale = 0;   // gamma (mmcv) or trans_std (R-FCN)
+  int64_t sampling = 0;     // samples per bin and axis; 0: adaptive, ceil(bin size) (mmcv)
+  double offset_scale = 0;  // gamma (mmcv) or trans_std (R-FCN)
 
   int64_t bins() const { return pooled_h * pooled_w; }
   int64_t groups() const { return group_size * group_size; }

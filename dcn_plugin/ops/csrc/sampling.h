@@ -27,7 +27,7 @@ template <int N, typename T>
 inline void locate_corners(const T* pos, const int64_t* size, const int64_t* stride, Corners<N, T>& out) {
   int64_t low[N];
   bool low_inside[N], high_inside[N];
-DCN_UNROLL
+  DCN_UNROLL
   for (int d = 0; d < N; ++d) {
     // Written so that NaN and huge positions fall in the "outside" branch before any cast.
     if (pos[d] > T(-1) && pos[d] < T(size[d])) {
@@ -42,12 +42,12 @@ DCN_UNROLL
       low_inside[d] = high_inside[d] = false;
     }
   }
-DCN_UNROLL
+  DCN_UNROLL
   for (int c = 0; c < Corners<N, T>::kCount; ++c) {
     bool inside = true;
     int64_t flat = 0;
     T w = T(1);
-DCN_UNROLL
+    DCN_UNROLL
     for (int d = 0; d < N; ++d) {
       const bool high = (c >> d) & 1;
       inside = inside && (high ? high_inside[d] : low_inside[d]);

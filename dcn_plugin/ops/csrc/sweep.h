@@ -20,17 +20,17 @@
 namespace dcn_plugin {
 
 struct Geometry {
-  int64_t dims = 0;                 // N, the number of spatial dimensions
-  int64_t image_size[kMaxDims];     // spatial size of the sampled image
-  int64_t image_stride[kMaxDims];   // row-major strides of the image's points, in points
-  int64_t grid_size[kMaxDims];      // spatial size of the column grid
+  int64_t dims = 0;                // N, the number of spatial dimensions
+  int64_t image_size[kMaxDims];    // spatial size of the sampled image
+  int64_t image_stride[kMaxDims];  // row-major strides of the image's points, in points
+  int64_t grid_size[kMaxDims];     // spatial size of the column grid
   int64_t kernel_size[kMaxDims];
   int64_t stride[kMaxDims];
   int64_t padding[kMaxDims];
   int64_t dilation[kMaxDims];
-  int64_t channels = 0;             // C_image, channels of the sampled image
-  int64_t offset_groups = 0;        // 0 when there is no offset
-  int64_t mask_groups = 0;          // 0 when there is no mask
+  int64_t channels = 0;       // C_image, channels of the sampled image
+  int64_t offset_groups = 0;  // 0 when there is no offset
+  int64_t mask_groups = 0;    // 0 when there is no mask
 
   int64_t kernel_points() const { return product(kernel_size); }
   int64_t grid_points() const { return product(grid_size); }
@@ -87,12 +87,12 @@ struct Chunk {
   const Geometry* geometry = nullptr;
   c10::ScalarType dtype = c10::ScalarType::Float;
   int64_t row_begin = 0, row_end = 0;
-  int64_t groups = 1;                   // convolution groups: the column layout
-  const void* image = nullptr;          // (B, image points, C)
-  void* grad_image = nullptr;           // (images, image points, C), accumulated, holding images
-  int64_t grad_image_first = 0;         // grad_image_first, grad_image_first + 1, ...
-  GridTensor offset, mask;              // (B, offset_groups * K * N, L), (B, mask_groups * K, L)
-  GridTensor grad_offset, grad_mask;    // their gradients, accumulated; null: not wanted
+  int64_t groups = 1;                 // convolution groups: the column layout
+  const void* image = nullptr;        // (B, image points, C)
+  void* grad_image = nullptr;         // (images, image points, C), accumulated, holding images
+  int64_t grad_image_first = 0;       // grad_image_first, grad_image_first + 1, ...
+  GridTensor offset, mask;            // (B, offset_groups * K * N, L), (B, mask_groups * K, L)
+  GridTensor grad_offset, grad_mask;  // their gradients, accumulated; null: not wanted
   // The chunk's columns, group-major: (groups, rows, K, C / groups) for rows = row_end - row_begin.
   void* columns = nullptr;
   const void* grad_columns = nullptr;

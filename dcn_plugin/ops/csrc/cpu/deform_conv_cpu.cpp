@@ -32,12 +32,13 @@ namespace {
 
 // The compiled tables, from the least to the most demanding.
 std::vector<const SamplingKernels*> compiled() {
-  return {&DEFAULT::kernels(),
+  return {
+      &DEFAULT::kernels(),
 #ifdef DCN_PLUGIN_AVX2
-          &AVX2::kernels(),
+      &AVX2::kernels(),
 #endif
 #ifdef DCN_PLUGIN_AVX512
-          &AVX512::kernels(),
+      &AVX512::kernels(),
 #endif
   };
 }
@@ -73,27 +74,25 @@ std::string cpu_isa(std::optional<c10::string_view> isa) {
 }
 
 at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
-                   const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-                   at::IntArrayRef output_padding, int64_t groups) {
-  return deform_conv_forward(*active().load(), input, weight, offset, mask, bias, stride, padding, dilation,
-                             transposed, output_padding, groups);
+                   const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                   int64_t groups) {
+  return deform_conv_forward(*active().load(), input, weight, offset, mask, bias, stride, padding, dilation, transposed,
+                             output_padding, groups);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
-    int64_t groups, std::array<bool, 4> output_mask) {
-  return deform_conv_backward(*active().load(), grad_output, input, weight, offset, mask, stride, padding,
-                              dilation, transposed, output_padding, groups, output_mask);
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
+    std::array<bool, 4> output_mask) {
+  return deform_conv_backward(*active().load(), grad_output, input, weight, offset, mask, stride, padding, dilation,
+                              transposed, output_padding, groups, output_mask);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(dcn_plugin, m) {
-  m.def("_cpu_isa(str? isa=None) -> str", &cpu_isa);
-}
+TORCH_LIBRARY_FRAGMENT(dcn_plugin, m) { m.def("_cpu_isa(str? isa=None) -> str", &cpu_isa); }
 
 TORCH_LIBRARY_IMPL(dcn_plugin, CPU, m) {
   m.impl("deform_conv", &forward);

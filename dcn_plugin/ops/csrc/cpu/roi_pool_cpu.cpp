@@ -26,7 +26,7 @@ namespace {
 template <typename acc_t>
 struct Bin {
   int64_t batch = 0, group = 0, part = 0;
-  acc_t inverse_count = 0;        // 1 / the divisor of the average; 0 when nothing is averaged
+  acc_t inverse_count = 0;               // 1 / the divisor of the average; 0 when nothing is averaged
   acc_t dx_doffset = 0, dy_doffset = 0;  // d position / d offset: scale * RoI size
   std::vector<AxisSample<acc_t>> ys, xs;
 };
@@ -58,8 +58,8 @@ struct RoiSampler {
     const int64_t grid_h = static_cast<int64_t>(t[kGridH]), grid_w = static_cast<int64_t>(t[kGridW]);
     fill(bin.ys, y0, bin_h, grid_h, p.height);
     fill(bin.xs, x0, bin_w, grid_w, p.width);
-    const int64_t count = s.counts_valid_only() ? int64_t(bin.ys.size() * bin.xs.size())
-                                                : std::max<int64_t>(grid_h * grid_w, 1);
+    const int64_t count =
+        s.counts_valid_only() ? int64_t(bin.ys.size() * bin.xs.size()) : std::max<int64_t>(grid_h * grid_w, 1);
     bin.inverse_count = count > 0 ? acc_t(1) / acc_t(count) : acc_t(0);
   }
 
@@ -196,8 +196,7 @@ void offset_grad_kernel(const RoiPoolData<acc_t>& d, const acc_t* grad_output, a
               auto row = [&](int64_t yy, int64_t xx) {
                 return d.at(d.input, bin.batch, yy * p.width + xx, bin.group) + k * per_class;
               };
-              const acc_t *__restrict ll = row(y.low, x.low), *__restrict lh = row(y.low, x.high),
-                                      *__restrict hl = row(y.high, x.low), *__restrict hh = row(y.high, x.high);
+              const acc_t* __restrict ll = row(y.low, x.low), * __restrict lh = row(y.low, x.high), * __restrict hl = row(y.high, x.low), * __restrict hh = row(y.high, x.high);
               // d value / d x and d value / d y of the sample, against g, over the class's channels.
               acc_t gx = 0, gy = 0;
               for (int64_t c = 0; c < per_class; ++c) {
@@ -228,8 +227,8 @@ at::Tensor channels_last(const RoiPoolProblem& p, const at::Tensor& input, at::S
 template <typename acc_t>
 RoiPoolData<acc_t> make_data(const RoiPoolProblem& p, const at::Tensor& table, const at::Tensor& offset,
                              const at::Tensor& input_cl) {
-  RoiPoolData<acc_t> d{p, RoiSampler<acc_t>{p, table.data_ptr<acc_t>(),
-                                            offset.defined() ? offset.data_ptr<acc_t>() : nullptr}};
+  RoiPoolData<acc_t> d{
+      p, RoiSampler<acc_t>{p, table.data_ptr<acc_t>(), offset.defined() ? offset.data_ptr<acc_t>() : nullptr}};
   d.input = input_cl.defined() ? input_cl.data_ptr<acc_t>() : nullptr;
   d.pixel_stride = p.spec.groups() * p.channels;
   return d;
@@ -287,38 +286,40 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_backward(const RoiPoolProblem& p, co
 at::Tensor deform_roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois, const std::optional<at::Tensor>& offset,
                                at::IntArrayRef output_size, double spatial_scale, int64_t sampling_ratio,
                                double gamma) {
-  const RoiPoolProblem p = describe_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio,
-                                                    gamma, std::nullopt);
+  const RoiPoolProblem p =
+      describe_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, std::nullopt);
   return roi_pool_forward(p, input, rois, offset);
 }
 
-std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& rois,
-    const std::optional<at::Tensor>& offset, at::IntArrayRef output_size, double spatial_scale,
-    int64_t sampling_ratio, double gamma, std::array<bool, 2> output_mask) {
-  const RoiPoolProblem p = describe_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio,
-                                                    gamma, grad_output);
+std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                                                const at::Tensor& rois,
+                                                                const std::optional<at::Tensor>& offset,
+                                                                at::IntArrayRef output_size, double spatial_scale,
+                                                                int64_t sampling_ratio, double gamma,
+                                                                std::array<bool, 2> output_mask) {
+  const RoiPoolProblem p =
+      describe_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, grad_output);
   return roi_pool_backward(p, grad_output, input, rois, offset, output_mask);
 }
 
 at::Tensor deform_psroi_pool_cpu(const at::Tensor& input, const at::Tensor& rois,
                                  const std::optional<at::Tensor>& offset, double spatial_scale, int64_t output_dim,
-                                 int64_t group_size, int64_t pooled_size, int64_t part_size,
-                                 int64_t sample_per_part, double trans_std) {
+                                 int64_t group_size, int64_t pooled_size, int64_t part_size, int64_t sample_per_part,
+                                 double trans_std) {
   const RoiPoolProblem p = describe_deform_psroi_pool(input, rois, offset, spatial_scale, output_dim, group_size,
-                                                      pooled_size, part_size, sample_per_part, trans_std,
-                                                      std::nullopt);
+                                                      pooled_size, part_size, sample_per_part, trans_std, std::nullopt);
   return roi_pool_forward(p, input, rois, offset);
 }
 
-std::tuple<at::Tensor, at::Tensor> deform_psroi_pool_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& rois,
-    const std::optional<at::Tensor>& offset, double spatial_scale, int64_t output_dim, int64_t group_size,
-    int64_t pooled_size, int64_t part_size, int64_t sample_per_part, double trans_std,
-    std::array<bool, 2> output_mask) {
+std::tuple<at::Tensor, at::Tensor> deform_psroi_pool_backward_cpu(const at::Tensor& grad_output,
+                                                                  const at::Tensor& input, const at::Tensor& rois,
+                                                                  const std::optional<at::Tensor>& offset,
+                                                                  double spatial_scale, int64_t output_dim,
+                                                                  int64_t group_size, int64_t pooled_size,
+                                                                  int64_t part_size, int64_t sample_per_part,
+                                                                  double trans_std, std::array<bool, 2> output_mask) {
   const RoiPoolProblem p = describe_deform_psroi_pool(input, rois, offset, spatial_scale, output_dim, group_size,
-                                                      pooled_size, part_size, sample_per_part, trans_std,
-                                                      grad_output);
+                                                      pooled_size, part_size, sample_per_part, trans_std, grad_output);
   return roi_pool_backward(p, grad_output, input, rois, offset, output_mask);
 }
 

@@ -37,13 +37,21 @@ using Vec = at::vec::Vectorized<T>;
 // other lanes load as zero, so they add nothing to the sums).
 struct Full {};
 template <typename T>
-inline Vec<T> load(const T* p, Full) { return Vec<T>::loadu(p); }
+inline Vec<T> load(const T* p, Full) {
+  return Vec<T>::loadu(p);
+}
 template <typename T>
-inline Vec<T> load(const T* p, int64_t lanes) { return Vec<T>::loadu(p, lanes); }
+inline Vec<T> load(const T* p, int64_t lanes) {
+  return Vec<T>::loadu(p, lanes);
+}
 template <typename T>
-inline void store(const Vec<T>& v, T* p, Full) { v.store(p); }
+inline void store(const Vec<T>& v, T* p, Full) {
+  v.store(p);
+}
 template <typename T>
-inline void store(const Vec<T>& v, T* p, int64_t lanes) { v.store(p, static_cast<int>(lanes)); }
+inline void store(const Vec<T>& v, T* p, int64_t lanes) {
+  v.store(p, static_cast<int>(lanes));
+}
 
 template <typename T, typename F>
 inline void for_each_vector(int64_t channels, F&& f) {
@@ -59,7 +67,9 @@ inline T sum(const Vec<T>& v) {
 }
 
 template <typename T>
-inline Vec<T> lerp(const Vec<T>& a, const Vec<T>& b, const Vec<T>& f) { return at::vec::fmadd(f, b - a, a); }
+inline Vec<T> lerp(const Vec<T>& a, const Vec<T>& b, const Vec<T>& f) {
+  return at::vec::fmadd(f, b - a, a);
+}
 
 // N-linear interpolation of the corner values x at fractions f, as lerps along dim 0, then 1, ...;
 // the slope along d (the derivative by position d) takes the difference instead of the lerp at d.
@@ -98,10 +108,10 @@ struct Grid {
   const Chunk& chunk;
   const int64_t C, K, L, P, per_group, rows;
   const T* image;
-  std::vector<T> kernel_offset;         // (K, N): k * dilation along each dim
-  std::vector<Segment> segments;        // in channel order
-  std::vector<int64_t> first_segment;   // offset group og owns segments [first_segment[og], first_segment[og + 1])
-  std::vector<T> zeros;                 // what corners outside the image read
+  std::vector<T> kernel_offset;        // (K, N): k * dilation along each dim
+  std::vector<Segment> segments;       // in channel order
+  std::vector<int64_t> first_segment;  // offset group og owns segments [first_segment[og], first_segment[og + 1])
+  std::vector<T> zeros;                // what corners outside the image read
 
   Grid(const Chunk& chunk_, bool by_group)
       : g(*chunk_.geometry),
@@ -200,8 +210,8 @@ struct Grid {
   void locate(int64_t i, int64_t l, int64_t k, int64_t og, const T* base, Corners<N, T>& corners) const {
     T pos[N];
     const GridTensor& o = chunk.offset;
-    const T* offset =
-        o.data != nullptr ? static_cast<const T*>(o.data) + i * o.image + (og * K + k) * N * o.channel + l * o.point
+    const T* offset = o.data != nullptr
+                          ? static_cast<const T*>(o.data) + i * o.image + (og * K + k) * N * o.channel + l * o.point
                           : nullptr;
     for (int d = 0; d < N; ++d) {
       pos[d] = base[d] + kernel_offset[k * N + d] + (offset != nullptr ? offset[d * o.channel] : T(0));
@@ -268,8 +278,8 @@ void col2im(const Grid<N, T>& grid) {
 // kCoordinates, those dot products (against the value and the slopes) are the sample's mask and
 // offset gradients.
 template <bool kCoordinates, int N, typename T, typename Each>
-C10_ALWAYS_INLINE void interpolate_sample(const Grid<N, T>& grid, int64_t r, int64_t k, const Corners<N, T>& c, const Segment& s,
-                        T m, const T* const* src, Each&& each) {
+C10_ALWAYS_INLINE void interpolate_sample(const Grid<N, T>& grid, int64_t r, int64_t k, const Corners<N, T>& c,
+                                          const Segment& s, T m, const T* const* src, Each&& each) {
   constexpr int kCorners = Grid<N, T>::kCorners;
   Vec<T> frac[N];
   for (int d = 0; d < N; ++d) frac[d] = Vec<T>(c.frac[d]);
@@ -379,8 +389,8 @@ void depthwise_gradients(const Grid<N, T>& grid) {
 
 template <int N, typename T>
 void run(const Chunk& chunk, Sweep sweep) {
-  const bool column_sweep = sweep.kind == Sweep::kIm2col || sweep.kind == Sweep::kCol2im ||
-                            sweep.kind == Sweep::kGradients;
+  const bool column_sweep =
+      sweep.kind == Sweep::kIm2col || sweep.kind == Sweep::kCol2im || sweep.kind == Sweep::kGradients;
   const Grid<N, T> grid(chunk, column_sweep);
   switch (sweep.kind) {
     case Sweep::kIm2col:
@@ -405,10 +415,14 @@ void sweep(const Chunk& chunk, Sweep sweep) {
   if (chunk.row_end <= chunk.row_begin || chunk.geometry->channels == 0) return;
   AT_DISPATCH_FLOATING_TYPES(chunk.dtype, "dcn_plugin_sweep", [&] {
     switch (chunk.geometry->dims) {
-      case 1: return run<1, scalar_t>(chunk, sweep);
-      case 2: return run<2, scalar_t>(chunk, sweep);
-      case 3: return run<3, scalar_t>(chunk, sweep);
-      default: TORCH_CHECK(false, "deform_conv: unsupported number of spatial dims ", chunk.geometry->dims);
+      case 1:
+        return run<1, scalar_t>(chunk, sweep);
+      case 2:
+        return run<2, scalar_t>(chunk, sweep);
+      case 3:
+        return run<3, scalar_t>(chunk, sweep);
+      default:
+        TORCH_CHECK(false, "deform_conv: unsupported number of spatial dims ", chunk.geometry->dims);
     }
   });
 }
