@@ -1,4 +1,4 @@
-// The interface between the CPU driver (deform_conv.cpp) and the sampling sweeps (cpu/sweeps.h),
+// The interface between the CPU driver (cpu/deform_conv_driver.cpp) and the sampling sweeps (cpu/sweeps.h),
 // which are compiled once per instruction set. Kept free of ATen's tensor headers so that the
 // per-ISA translation units include little besides the vector code.
 //
@@ -111,9 +111,5 @@ struct SamplingKernels {
   // dst[b] = src[b]^T for `batch` contiguous (rows, cols) matrices of a floating dtype.
   void (*transpose)(c10::ScalarType dtype, const void* src, void* dst, int64_t batch, int64_t rows, int64_t cols);
 };
-
-// Bytes of scratch memory the driver may use for one kind of buffer (a thread's columns, the
-// threads' private copies of the images they scatter onto, their weight-gradient sums).
-int64_t workspace_limit();
 
 }  // namespace dcn_plugin

@@ -1,4 +1,4 @@
-// The CPU kernels of dcn_plugin::deform_conv: the driver (deform_conv.cpp) with the sampling
+// The CPU kernels of dcn_plugin::deform_conv: the driver (deform_conv_driver.cpp) with the sampling
 // sweeps compiled for the best instruction set of this CPU, chosen as ATen chooses its own kernels
 // (at::get_cpu_capability(): the CPU's best, or lower when ATEN_CPU_CAPABILITY says so).
 #include <ATen/Version.h>
@@ -9,7 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "deform_conv.h"
+#include "cpu/deform_conv_driver.h"
+#include "cpu/products.h"
 
 namespace dcn_plugin {
 
@@ -92,7 +93,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(dcn_plugin, m) { m.def("_cpu_isa(str? isa=None) -> str", &cpu_isa); }
+// Test hooks: the instruction set of the sweeps, and which oneDNN op float32 products use ("" or a
+// wrong one: at::mm; returns whether it was found).
+TORCH_LIBRARY_FRAGMENT(dcn_plugin, m) {
+  m.def("_cpu_isa(str? isa=None) -> str", &cpu_isa);
+  m.def("_use_onednn_linear(str name) -> bool", &use_onednn_linear);
+}
 
 TORCH_LIBRARY_IMPL(dcn_plugin, CPU, m) {
   m.impl("deform_conv", &forward);
