@@ -31,8 +31,9 @@ void check_grid_tensor(const at::Tensor& t, const char* name, int64_t per_group,
   TORCH_CHECK(channels > 0 && channels % per_group == 0, "deform_conv: ", name, " has ", channels,
               " channels, which is not a positive multiple of ", per_group_text, " = ", per_group);
   const int64_t groups = channels / per_group;
-  TORCH_CHECK(p.image_channels % groups == 0, "deform_conv: ", name, " has ", groups, " groups (", channels,
-              " channels / ", per_group, "), which does not divide the ", p.image_channels, " channels being sampled");
+  TORCH_CHECK(p.image_channels() % groups == 0, "deform_conv: ", name, " has ", groups, " groups (", channels,
+              " channels / ", per_group, "), which does not divide the ", p.image_channels(),
+              " channels being sampled");
   for (int64_t d = 0; d < n; ++d) {
     TORCH_CHECK(t.size(2 + d) == g.grid_size[d], "deform_conv: ", name, " has spatial shape ",
                 shape_str(t.sizes().slice(2)), " but the ", "grid it must cover has shape ",
@@ -87,6 +88,7 @@ Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::o
   }
 
   Problem p;
+  Geometry& g = p.geometry;
   p.batch = input.size(0);
   p.groups = groups;
   const int64_t in_channels = input.size(1);
@@ -98,7 +100,7 @@ Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::o
     TORCH_CHECK(in_channels % groups == 0, "deform_conv: groups=", groups, " does not divide the ", in_channels,
                 " input channels");
     out_channels = weight.size(1) * groups;
-    p.image_channels = out_channels;
+    g.channels = out_channels;
     p.grid_channels = in_channels;
   } else {
     TORCH_CHECK(weight.size(1) * groups == in_channels, "deform_conv: weight of shape ", shape_str(weight.sizes()),
@@ -107,15 +109,12 @@ Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::o
     out_channels = weight.size(0);
     TORCH_CHECK(out_channels % groups == 0, "deform_conv: groups=", groups, " does not divide the ", out_channels,
                 " output channels of weight");
-    p.image_channels = in_channels;
+    g.channels = in_channels;
     p.grid_channels = out_channels;
   }
 
-  Geometry& g = p.geometry;
   g.dims = n;
-  g.channels = p.image_channels;
   p.output_shape = {p.batch, out_channels};
-  p.image_shape = {p.image_channels};
   for (int64_t d = 0; d < n; ++d) {
     const int64_t k = weight.size(2 + d);
     const int64_t in_size = input.size(2 + d);
@@ -141,7 +140,6 @@ Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::o
     g.padding[d] = padding[d];
     g.dilation[d] = dilation[d];
     p.output_shape.push_back(out_size);
-    p.image_shape.push_back(g.image_size[d]);
   }
   int64_t s = 1;
   for (int64_t d = n - 1; d >= 0; --d) {

@@ -10,15 +10,15 @@
 
 namespace dcn_plugin {
 
-// Everything the driver needs to know about one call, after checking its arguments.
+// One checked call: its geometry, computed here once, and what else the drivers need.
 struct Problem {
   Geometry geometry;
   int64_t batch = 0;
   int64_t groups = 1;
-  int64_t image_channels = 0;  // channels of the sampled tensor
-  int64_t grid_channels = 0;   // channels of the dense tensor on the grid
-  std::vector<int64_t> output_shape;
-  std::vector<int64_t> image_shape;  // (C_image, *image_size)
+  int64_t grid_channels = 0;          // channels of the dense tensor on the grid
+  std::vector<int64_t> output_shape;  // (B, C_out, *output size)
+
+  int64_t image_channels() const { return geometry.channels; }  // channels of the sampled tensor
 };
 
 // Checks the op's arguments (ValueError-style messages that name the argument and the shapes) and

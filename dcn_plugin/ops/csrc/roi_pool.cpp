@@ -6,6 +6,8 @@
 
 #include <torch/library.h>
 
+#include "compute_dtype.h"
+
 namespace dcn_plugin {
 namespace {
 
@@ -185,7 +187,7 @@ at::Tensor deform_roi_pool_table(const at::Tensor& input, const at::Tensor& rois
                                  const std::optional<at::Tensor>& grad_output) {
   const RoiPoolProblem p =
       describe_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, grad_output);
-  return roi_table(p, rois, roi_compute_dtype(input.scalar_type()), /*host_check=*/false);
+  return roi_table(p, rois, compute_dtype(input.scalar_type()), /*host_check=*/false);
 }
 
 at::Tensor deform_psroi_pool_table(const at::Tensor& input, const at::Tensor& rois,
@@ -194,7 +196,7 @@ at::Tensor deform_psroi_pool_table(const at::Tensor& input, const at::Tensor& ro
                                    double trans_std, const std::optional<at::Tensor>& grad_output) {
   const RoiPoolProblem p = describe_deform_psroi_pool(input, rois, offset, spatial_scale, output_dim, group_size,
                                                       pooled_size, part_size, sample_per_part, trans_std, grad_output);
-  return roi_table(p, rois, roi_compute_dtype(input.scalar_type()), /*host_check=*/false);
+  return roi_table(p, rois, compute_dtype(input.scalar_type()), /*host_check=*/false);
 }
 
 }  // namespace

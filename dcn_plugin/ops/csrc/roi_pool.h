@@ -85,11 +85,6 @@ RoiPoolProblem describe_deform_psroi_pool(const at::Tensor& input, const at::Ten
                                           int64_t part_size, int64_t sample_per_part, double trans_std,
                                           const std::optional<at::Tensor>& grad_output);
 
-// The dtype sampling positions and sums are computed in: float64 for double, float32 otherwise.
-inline at::ScalarType roi_compute_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The (R, kRoiColumns) RoI table in the compute dtype, with ATen ops (any device). Checks that
 // every batch index is an integer in [0, batch): with `host_check` by reading the RoIs on the host,
 // which names the bad row (the CPU kernels); otherwise with a device-side assert

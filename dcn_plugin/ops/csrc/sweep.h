@@ -81,8 +81,9 @@ struct GridTensor {
 
 // What a sweep reads and writes. It covers the rows [row_begin, row_end) of the batch's grid:
 // row r is grid point r % L of image r / L (L grid points per image). Pointers address the whole
-// batch, in the column dtype, except grad_image, columns and grad_columns; a sweep reads only
-// those its kind needs. Sums it accumulates into must not be written by another thread meanwhile.
+// batch, in the compute dtype (compute_dtype.h), except grad_image, columns and grad_columns; a
+// sweep reads only those its kind needs. Sums it accumulates into must not be written by another
+// thread meanwhile.
 struct Chunk {
   const Geometry* geometry = nullptr;
   c10::ScalarType dtype = c10::ScalarType::Float;

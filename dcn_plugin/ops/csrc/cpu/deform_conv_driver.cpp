@@ -24,6 +24,7 @@
 #include <limits>
 #include <vector>
 
+#include "compute_dtype.h"
 #include "cpu/products.h"
 #include "deform_conv.h"
 #include "deform_conv_checks.h"
@@ -33,14 +34,11 @@ namespace {
 
 // One channel per group on both sides: depthwise convolution.
 bool is_depthwise(const Problem& p) {
-  return p.groups > 1 && p.image_channels == p.groups && p.grid_channels == p.groups;
+  return p.groups > 1 && p.image_channels() == p.groups && p.grid_channels == p.groups;
 }
 
 // ------------------------------------------------------------------------------------------------
 // Layouts
-
-// Half types are sampled, multiplied and summed in float32 on the CPU.
-at::ScalarType column_dtype(at::ScalarType dtype) { return at::isReducedFloatingType(dtype) ? at::kFloat : dtype; }
 
 // `t` in memory format `format` and dtype `dtype`: itself when it already is.
 at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format, at::ScalarType dtype) {
@@ -93,7 +91,7 @@ at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight
   return format != at::MemoryFormat::Contiguous ? format : weight.suggest_memory_format();
 }
 
-// A zero gradient for `t` in the column dtype, laid out as `t` suggests (so its grid dims merge).
+// A zero gradient for `t` in the compute dtype, laid out as `t` suggests (so its grid dims merge).
 at::Tensor zero_gradient(const at::Tensor& t, at::ScalarType dtype) {
   return at::empty(t.sizes(), t.options().dtype(dtype).memory_format(t.suggest_memory_format())).zero_();
 }
@@ -115,20 +113,20 @@ at::Tensor sum_in_order(const std::vector<at::Tensor>& terms) {
 // ------------------------------------------------------------------------------------------------
 // The steps
 
-// What the steps of one call share: the problem, the column dtype, the offset and mask.
+// What the steps of one call share: the problem, the compute dtype, the offset and mask.
 struct Call {
   const Problem& p;
   const Geometry& g;
   const at::ScalarType dtype;  // of columns, products and sums
   const at::TensorOptions options;
   const int64_t K, L, rows;       // rows: the B * L grid points of the batch
-  const at::Tensor offset, mask;  // in the column dtype
+  const at::Tensor offset, mask;  // in the compute dtype
 
   Call(const Problem& p_, const at::Tensor& input, const std::optional<at::Tensor>& offset_,
        const std::optional<at::Tensor>& mask_)
       : p(p_),
         g(p_.geometry),
-        dtype(column_dtype(input.scalar_type())),
+        dtype(compute_dtype(input.scalar_type())),
         options(input.options().dtype(dtype)),
         K(g.kernel_points()),
         L(g.grid_points()),
@@ -155,23 +153,24 @@ struct Call {
   // against 0.5, 2 and 4 MiB at 2 threads (tools/benchmark.py): no size was better on every case.
   int64_t panel_rows(int64_t buffers) const {
     constexpr int64_t kPanelBytes = int64_t(1) << 20, kMinRows = 128;
-    const int64_t per_row = std::max<int64_t>(1, buffers * K * p.image_channels * int64_t(at::elementSize(dtype)));
+    const int64_t per_row = std::max<int64_t>(1, buffers * K * p.image_channels() * int64_t(at::elementSize(dtype)));
     const int64_t wanted = std::max(kMinRows, kPanelBytes / per_row);
     return std::clamp<int64_t>(std::min(wanted, workspace_limit() / per_row), 1, std::max<int64_t>(rows, 1));
   }
 
   // A thread's column buffer for panels of `panel` rows, and its first `count` rows as columns
   // (groups, count, K * C_image / groups).
-  at::Tensor column_buffer(int64_t panel) const { return at::empty({panel * K * p.image_channels}, options); }
+  at::Tensor column_buffer(int64_t panel) const { return at::empty({panel * K * p.image_channels()}, options); }
   at::Tensor columns(const at::Tensor& buffer, int64_t count) const {
-    return buffer.narrow(0, 0, count * K * p.image_channels).view({p.groups, count, K * p.image_channels / p.groups});
+    return buffer.narrow(0, 0, count * K * p.image_channels())
+        .view({p.groups, count, K * p.image_channels() / p.groups});
   }
 
   // The weight as the columns see it: (groups, C_grid / groups, K * C_image / groups), each row laid
   // out (K, C_image / groups) like a row of columns.
   at::Tensor column_weight(const at::Tensor& weight) const {
     return weight.to(dtype).movedim(1, -1).contiguous().view(
-        {p.groups, p.grid_channels / p.groups, K * p.image_channels / p.groups});
+        {p.groups, p.grid_channels / p.groups, K * p.image_channels() / p.groups});
   }
 
   at::Tensor depthwise_weight(const at::Tensor& weight) const {  // (K, C)
@@ -179,7 +178,7 @@ struct Call {
   }
 
   // Channels-last shapes of the image and of the grid-side tensors: (B, *size, C).
-  std::vector<int64_t> image_shape() const { return shape(g.image_size, p.image_channels); }
+  std::vector<int64_t> image_shape() const { return shape(g.image_size, p.image_channels()); }
   std::vector<int64_t> grid_shape() const { return shape(g.grid_size, p.grid_channels); }
 
  private:
@@ -223,7 +222,7 @@ class Parts {
       : target_(scatter) {
     constexpr int64_t kMinSamples = 4096;  // channel samples per part, worth a thread
     const int64_t batch = c.p.batch, L = c.L;
-    const int64_t work = c.rows * c.K * c.p.image_channels;
+    const int64_t work = c.rows * c.K * c.p.image_channels();
     int64_t count = std::clamp<int64_t>(work / kMinSamples, 1, std::max(1, at::get_num_threads()));
     count = std::clamp<int64_t>(std::min(count, c.rows), 1, std::max<int64_t>(max_count, 1));
     if (scatter.defined() && batch >= count) {
@@ -358,7 +357,7 @@ struct Wanted {
   bool coordinates() const { return offset || mask; }
 };
 
-// The gradients as the steps make them, in the column dtype: input channels-last (image-shaped for
+// The gradients as the steps make them, in the compute dtype: input channels-last (image-shaped for
 // convolution, grid-shaped for the transposed op), weight as the steps' weight, offset and mask as
 // zero_gradient lays them out.
 struct Gradients {

@@ -17,7 +17,8 @@
 #include <tuple>
 #include <vector>
 
-#include "../roi_pool.h"
+#include "compute_dtype.h"
+#include "roi_pool.h"
 
 namespace dcn_plugin {
 namespace {
@@ -240,7 +241,7 @@ at::Tensor offset_in(const std::optional<at::Tensor>& offset, at::ScalarType dty
 
 at::Tensor roi_pool_forward(const RoiPoolProblem& p, const at::Tensor& input, const at::Tensor& rois,
                             const std::optional<at::Tensor>& offset) {
-  const auto dtype = roi_compute_dtype(input.scalar_type());
+  const auto dtype = compute_dtype(input.scalar_type());
   const at::Tensor table = roi_table(p, rois, dtype);
   const at::Tensor off = offset_in(offset, dtype);
   const at::Tensor input_cl = channels_last(p, input, dtype);
@@ -259,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_backward(const RoiPoolProblem& p, co
   // Gradients that are not asked for come back as empty tensors (distinct ones: outputs never alias).
   at::Tensor grad_input = input.new_empty({0}), grad_offset = input.new_empty({0});
   if (!need_input && !need_offset) return {grad_input, grad_offset};
-  const auto dtype = roi_compute_dtype(input.scalar_type());
+  const auto dtype = compute_dtype(input.scalar_type());
   const auto options = input.options().dtype(dtype);
   const at::Tensor table = roi_table(p, rois, dtype);
   const at::Tensor off = offset_in(offset, dtype);
