@@ -8,9 +8,9 @@ namespace dcn_plugin {
 namespace {
 
 std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream s;
-  s << sizes;
-  return s.str();
+  std::ostringstream out;
+  out << sizes;
+  return out.str();
 }
 
 void check_same(const at::Tensor& input, const at::Tensor& other, const char* name) {
@@ -141,10 +141,10 @@ Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::o
     g.dilation[d] = dilation[d];
     p.output_shape.push_back(out_size);
   }
-  int64_t s = 1;
+  int64_t points = 1;
   for (int64_t d = n - 1; d >= 0; --d) {
-    g.image_stride[d] = s;
-    s *= g.image_size[d];
+    g.image_stride[d] = points;
+    points *= g.image_size[d];
   }
   const int64_t kernel_points = g.kernel_points();
   if (offset) {

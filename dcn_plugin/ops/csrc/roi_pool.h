@@ -104,20 +104,20 @@ struct AxisSample {
 
 template <typename acc_t>
 inline AxisSample<acc_t> clamp_axis(acc_t pos, int64_t size, acc_t margin) {
-  AxisSample<acc_t> s;
+  AxisSample<acc_t> sample;
   const acc_t last = acc_t(size - 1);
-  s.valid = pos >= -margin && pos <= last + margin;  // false for NaN
-  if (!s.valid) return s;
+  sample.valid = pos >= -margin && pos <= last + margin;  // false for NaN
+  if (!sample.valid) return sample;
   if (pos > 0 && pos < last) {
-    s.low = static_cast<int64_t>(std::floor(pos));
-    s.high = s.low + 1;
-    s.w_high = pos - acc_t(s.low);
-    s.slope = 1;
+    sample.low = static_cast<int64_t>(std::floor(pos));
+    sample.high = sample.low + 1;
+    sample.w_high = pos - acc_t(sample.low);
+    sample.slope = 1;
   } else {
-    s.low = s.high = pos <= 0 ? 0 : size - 1;
+    sample.low = sample.high = pos <= 0 ? 0 : size - 1;
   }
-  s.w_low = 1 - s.w_high;
-  return s;
+  sample.w_low = 1 - sample.w_high;
+  return sample;
 }
 
 }  // namespace dcn_plugin

@@ -72,8 +72,8 @@ struct Sweep {
   static Sweep depthwise_gradients(bool coordinates) { return {kDepthwiseGradients, false, false, coordinates}; }
 };
 
-// A tensor on the grid (offset, mask, their gradients): element (image i, channel q, grid point l)
-// at data + i * image + q * channel + l * point. Null data: absent.
+// A tensor on the grid (offset, mask, their gradients): element (image i, channel c, grid point l)
+// at data + i * image + c * channel + l * point. Null data: absent.
 struct GridTensor {
   void* data = nullptr;
   int64_t image = 0, channel = 0, point = 0;

@@ -98,7 +98,7 @@ at::Tensor zero_gradient(const at::Tensor& t, at::ScalarType dtype) {
 
 GridTensor grid_tensor(const at::Tensor& t) {
   if (!t.defined()) return {};
-  const at::Tensor flat = t.flatten(2);  // (B, Q, L): a view of the tensors given here
+  const at::Tensor flat = t.flatten(2);  // (B, C, L): a view of the tensors given here
   TORCH_INTERNAL_ASSERT(flat.data_ptr() == t.data_ptr());
   return {flat.data_ptr(), flat.stride(0), flat.stride(1), flat.stride(2)};
 }
@@ -135,15 +135,15 @@ struct Call {
         mask(mask_ ? mask_->to(dtype) : at::Tensor()) {}
 
   Chunk chunk(int64_t row_begin, int64_t row_end) const {
-    Chunk c;
-    c.geometry = &g;
-    c.dtype = dtype;
-    c.row_begin = row_begin;
-    c.row_end = row_end;
-    c.groups = p.groups;
-    c.offset = grid_tensor(offset);
-    c.mask = grid_tensor(mask);
-    return c;
+    Chunk out;
+    out.geometry = &g;
+    out.dtype = dtype;
+    out.row_begin = row_begin;
+    out.row_end = row_end;
+    out.groups = p.groups;
+    out.offset = grid_tensor(offset);
+    out.mask = grid_tensor(mask);
+    return out;
   }
 
   // Grid rows per panel: a thread's `buffers` column buffers for one panel fit in about a core's
@@ -217,32 +217,32 @@ struct Part {
 // the images it touches, added to the target in part order by finish(). At most `max_count` parts.
 class Parts {
  public:
-  explicit Parts(const Call& c, const at::Tensor& scatter = at::Tensor(),
+  explicit Parts(const Call& call, const at::Tensor& scatter = at::Tensor(),
                  int64_t max_count = std::numeric_limits<int64_t>::max())
       : target_(scatter) {
     constexpr int64_t kMinSamples = 4096;  // channel samples per part, worth a thread
-    const int64_t batch = c.p.batch, L = c.L;
-    const int64_t work = c.rows * c.K * c.p.image_channels();
+    const int64_t batch = call.p.batch, L = call.L;
+    const int64_t work = call.rows * call.K * call.p.image_channels();
     int64_t count = std::clamp<int64_t>(work / kMinSamples, 1, std::max(1, at::get_num_threads()));
-    count = std::clamp<int64_t>(std::min(count, c.rows), 1, std::max<int64_t>(max_count, 1));
+    count = std::clamp<int64_t>(std::min(count, call.rows), 1, std::max<int64_t>(max_count, 1));
     if (scatter.defined() && batch >= count) {
-      for (int64_t q = 0; q < count; ++q) {
-        parts_.push_back({batch * q / count * L, batch * (q + 1) / count * L, scatter, 0});
+      for (int64_t index = 0; index < count; ++index) {
+        parts_.push_back({batch * index / count * L, batch * (index + 1) / count * L, scatter, 0});
       }
       return;
     }
     if (scatter.defined()) {  // private copies: within the workspace limit
       const int64_t image_bytes = scatter.numel() / std::max<int64_t>(batch, 1) * scatter.element_size();
-      const int64_t images_per_part = c.rows / count / std::max<int64_t>(L, 1) + 2;
+      const int64_t images_per_part = call.rows / count / std::max<int64_t>(L, 1) + 2;
       count =
           std::clamp<int64_t>(workspace_limit() / std::max<int64_t>(1, image_bytes * images_per_part) + 1, 1, count);
     }
-    for (int64_t q = 0; q < count; ++q) {
-      Part part{c.rows * q / count, c.rows * (q + 1) / count};
+    for (int64_t index = 0; index < count; ++index) {
+      Part part{call.rows * index / count, call.rows * (index + 1) / count};
       if (scatter.defined()) {
         const int64_t first = part.row_begin / L, last = (part.row_end - 1) / L;
-        part.scatter = q == 0 ? scatter : at::zeros({last - first + 1, scatter.numel() / batch}, scatter.options());
-        part.first_image = q == 0 ? 0 : first;
+        part.scatter = index == 0 ? scatter : at::zeros({last - first + 1, scatter.numel() / batch}, scatter.options());
+        part.first_image = index == 0 ? 0 : first;
       }
       parts_.push_back(part);
     }
@@ -253,10 +253,10 @@ class Parts {
   // f(index, part) for every part, each on a thread.
   template <typename F>
   void run(F&& f) const {
-    at::parallel_for(0, size(), 1, [&](int64_t q0, int64_t q1) {
+    at::parallel_for(0, size(), 1, [&](int64_t begin, int64_t end) {
       // Worker threads do not inherit the caller's dispatch state: keep the products off autograd.
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t q = q0; q < q1; ++q) f(q, parts_[q]);
+      for (int64_t index = begin; index < end; ++index) f(index, parts_[index]);
     });
   }
 
@@ -275,14 +275,14 @@ class Parts {
 };
 
 // out = im2col(image) @ W^T, panel by panel: (B * L, C_grid).
-at::Tensor convolve(const SamplingKernels& kernels, const Call& c, const at::Tensor& image, const at::Tensor& w) {
-  at::Tensor out = at::empty({c.rows, c.p.grid_channels}, c.options);
-  const int64_t panel = c.panel_rows(1);
-  Parts(c).run([&](int64_t, const Part& part) {
-    const at::Tensor buffer = c.column_buffer(panel);
+at::Tensor convolve(const SamplingKernels& kernels, const Call& call, const at::Tensor& image, const at::Tensor& w) {
+  at::Tensor out = at::empty({call.rows, call.p.grid_channels}, call.options);
+  const int64_t panel = call.panel_rows(1);
+  Parts(call).run([&](int64_t, const Part& part) {
+    const at::Tensor buffer = call.column_buffer(panel);
     part.for_each_panel(panel, [&](int64_t r0, int64_t r1) {
-      const at::Tensor columns = c.columns(buffer, r1 - r0);
-      Chunk chunk = c.chunk(r0, r1);
+      const at::Tensor columns = call.columns(buffer, r1 - r0);
+      Chunk chunk = call.chunk(r0, r1);
       chunk.image = image.data_ptr();
       chunk.columns = columns.data_ptr();
       kernels.sweep(chunk, Sweep::im2col());
@@ -293,17 +293,17 @@ at::Tensor convolve(const SamplingKernels& kernels, const Call& c, const at::Ten
 }
 
 // out = col2im(dense @ W), panel by panel: (B, *image_size, C_image).
-at::Tensor convolve_transposed(const SamplingKernels& kernels, const Call& c, const at::Tensor& dense,
+at::Tensor convolve_transposed(const SamplingKernels& kernels, const Call& call, const at::Tensor& dense,
                                const at::Tensor& w) {
-  at::Tensor out = at::zeros(c.image_shape(), c.options);
-  const int64_t panel = c.panel_rows(1);
-  const Parts parts(c, out);
+  at::Tensor out = at::zeros(call.image_shape(), call.options);
+  const int64_t panel = call.panel_rows(1);
+  const Parts parts(call, out);
   parts.run([&](int64_t, const Part& part) {
-    const at::Tensor buffer = c.column_buffer(panel);
+    const at::Tensor buffer = call.column_buffer(panel);
     part.for_each_panel(panel, [&](int64_t r0, int64_t r1) {
-      const at::Tensor grad_columns = c.columns(buffer, r1 - r0);
+      const at::Tensor grad_columns = call.columns(buffer, r1 - r0);
       dense_times(dense.narrow(0, r0, r1 - r0), w, grad_columns);
-      Chunk chunk = c.chunk(r0, r1);
+      Chunk chunk = call.chunk(r0, r1);
       chunk.grad_columns = grad_columns.data_ptr();
       part.attach(chunk);
       kernels.sweep(chunk, Sweep::col2im());
@@ -314,11 +314,11 @@ at::Tensor convolve_transposed(const SamplingKernels& kernels, const Call& c, co
 }
 
 // out = sum over k of weight[k] * sample(image): (B * L, C).
-at::Tensor depthwise_forward(const SamplingKernels& kernels, const Call& c, const at::Tensor& image,
+at::Tensor depthwise_forward(const SamplingKernels& kernels, const Call& call, const at::Tensor& image,
                              const at::Tensor& weight) {
-  at::Tensor out = at::zeros({c.rows, c.p.grid_channels}, c.options);
-  Parts(c).run([&](int64_t, const Part& part) {
-    Chunk chunk = c.chunk(part.row_begin, part.row_end);
+  at::Tensor out = at::zeros({call.rows, call.p.grid_channels}, call.options);
+  Parts(call).run([&](int64_t, const Part& part) {
+    Chunk chunk = call.chunk(part.row_begin, part.row_end);
     chunk.image = image.data_ptr();
     chunk.depthwise_weight = weight.data_ptr();
     chunk.dense_out = out.data_ptr();
@@ -328,12 +328,12 @@ at::Tensor depthwise_forward(const SamplingKernels& kernels, const Call& c, cons
 }
 
 // out = col2im(weight[k] * dense): (B, *image_size, C).
-at::Tensor depthwise_transposed(const SamplingKernels& kernels, const Call& c, const at::Tensor& dense,
+at::Tensor depthwise_transposed(const SamplingKernels& kernels, const Call& call, const at::Tensor& dense,
                                 const at::Tensor& weight) {
-  at::Tensor out = at::zeros(c.image_shape(), c.options);
-  const Parts parts(c, out);
+  at::Tensor out = at::zeros(call.image_shape(), call.options);
+  const Parts parts(call, out);
   parts.run([&](int64_t, const Part& part) {
-    Chunk chunk = c.chunk(part.row_begin, part.row_end);
+    Chunk chunk = call.chunk(part.row_begin, part.row_end);
     chunk.dense = dense.data_ptr();
     chunk.depthwise_weight = weight.data_ptr();
     part.attach(chunk);
@@ -372,31 +372,32 @@ struct Gradients {
 // d W = dense^T @ im2col(image); d offset, d mask against dense @ W; d input = col2im(dense @ W)
 // for convolution and im2col(image) @ W^T for the transposed op. One sweep per panel gathers the
 // samples once for all of them.
-void column_backward(const SamplingKernels& kernels, const Call& c, bool transposed, const Wanted& want,
+void column_backward(const SamplingKernels& kernels, const Call& call, bool transposed, const Wanted& want,
                      const at::Tensor& image, const at::Tensor& dense, const at::Tensor& w, Gradients& grads) {
   const bool col2im = want.input && !transposed;
   const bool columns = want.weight || (want.input && transposed);
   const bool grad_columns = col2im || want.coordinates();
-  if (col2im) grads.input = at::zeros(c.image_shape(), c.options);
-  if (want.input && transposed) grads.input = at::empty({c.rows, c.p.grid_channels}, c.options);
-  const int64_t panel = c.panel_rows(int64_t(columns) + int64_t(grad_columns));
+  if (col2im) grads.input = at::zeros(call.image_shape(), call.options);
+  if (want.input && transposed) grads.input = at::empty({call.rows, call.p.grid_channels}, call.options);
+  const int64_t panel = call.panel_rows(int64_t(columns) + int64_t(grad_columns));
   // Every part sums a whole weight gradient: a part should have the rows to amortise adding its
   // sum (at least 64), and the sums together stay within the workspace limit.
   const int64_t weight_bytes = w.numel() * int64_t(w.element_size());
-  const int64_t max_parts = want.weight ? std::min(c.rows / 64, workspace_limit() / std::max<int64_t>(weight_bytes, 1))
-                                        : std::numeric_limits<int64_t>::max();
-  const Parts parts(c, col2im ? grads.input : at::Tensor(), max_parts);
+  const int64_t max_parts = want.weight
+                                ? std::min(call.rows / 64, workspace_limit() / std::max<int64_t>(weight_bytes, 1))
+                                : std::numeric_limits<int64_t>::max();
+  const Parts parts(call, col2im ? grads.input : at::Tensor(), max_parts);
   std::vector<at::Tensor> weight_sums(parts.size());
   parts.run([&](int64_t index, const Part& part) {
-    const at::Tensor column_buffer = columns ? c.column_buffer(panel) : at::Tensor();
-    const at::Tensor grad_buffer = grad_columns ? c.column_buffer(panel) : at::Tensor();
+    const at::Tensor column_buffer = columns ? call.column_buffer(panel) : at::Tensor();
+    const at::Tensor grad_buffer = grad_columns ? call.column_buffer(panel) : at::Tensor();
     if (want.weight) weight_sums[index] = at::zeros_like(w);
     part.for_each_panel(panel, [&](int64_t r0, int64_t r1) {
       const at::Tensor dense_rows = dense.narrow(0, r0, r1 - r0);
-      const at::Tensor cols = columns ? c.columns(column_buffer, r1 - r0) : at::Tensor();
-      const at::Tensor gcols = grad_columns ? c.columns(grad_buffer, r1 - r0) : at::Tensor();
+      const at::Tensor cols = columns ? call.columns(column_buffer, r1 - r0) : at::Tensor();
+      const at::Tensor gcols = grad_columns ? call.columns(grad_buffer, r1 - r0) : at::Tensor();
       if (grad_columns) dense_times(dense_rows, w, gcols);
-      Chunk chunk = c.chunk(r0, r1);
+      Chunk chunk = call.chunk(r0, r1);
       grads.attach(chunk);
       part.attach(chunk);
       if (image.defined()) chunk.image = image.data_ptr();
@@ -417,14 +418,14 @@ void column_backward(const SamplingKernels& kernels, const Call& c, bool transpo
 }
 
 // d weight (and d offset, d mask) in one sweep; d input by the depthwise forward of the other role.
-void depthwise_backward(const SamplingKernels& kernels, const Call& c, bool transposed, const Wanted& want,
+void depthwise_backward(const SamplingKernels& kernels, const Call& call, bool transposed, const Wanted& want,
                         const at::Tensor& image, const at::Tensor& dense, const at::Tensor& weight, Gradients& grads) {
   if (want.weight || want.coordinates()) {
-    const Parts parts(c);
+    const Parts parts(call);
     std::vector<at::Tensor> weight_sums(parts.size());  // scratch sums when only coordinates are wanted
     parts.run([&](int64_t index, const Part& part) {
       weight_sums[index] = at::zeros_like(weight);
-      Chunk chunk = c.chunk(part.row_begin, part.row_end);
+      Chunk chunk = call.chunk(part.row_begin, part.row_end);
       grads.attach(chunk);
       chunk.image = image.data_ptr();
       chunk.dense = dense.data_ptr();
@@ -435,8 +436,8 @@ void depthwise_backward(const SamplingKernels& kernels, const Call& c, bool tran
     grads.weight = sum_in_order(weight_sums);
   }
   if (want.input) {
-    grads.input =
-        transposed ? depthwise_forward(kernels, c, image, weight) : depthwise_transposed(kernels, c, dense, weight);
+    grads.input = transposed ? depthwise_forward(kernels, call, image, weight)
+                             : depthwise_transposed(kernels, call, dense, weight);
   }
 }
 
@@ -449,18 +450,18 @@ at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor&
                                int64_t groups) {
   const Problem p =
       describe(input, weight, offset, mask, bias, stride, padding, dilation, transposed, output_padding, groups);
-  const Call c(p, input, offset, mask);
-  const at::Tensor x = to_channels_last(kernels, input, c.dtype);
+  const Call call(p, input, offset, mask);
+  const at::Tensor x = to_channels_last(kernels, input, call.dtype);
   at::Tensor out;
   if (is_depthwise(p)) {
-    const at::Tensor w = c.depthwise_weight(weight);
-    out = transposed ? depthwise_transposed(kernels, c, x, w) : depthwise_forward(kernels, c, x, w);
+    const at::Tensor w = call.depthwise_weight(weight);
+    out = transposed ? depthwise_transposed(kernels, call, x, w) : depthwise_forward(kernels, call, x, w);
   } else {
-    const at::Tensor w = c.column_weight(weight);
-    out =
-        transposed ? convolve_transposed(kernels, c, x.view({c.rows, p.grid_channels}), w) : convolve(kernels, c, x, w);
+    const at::Tensor w = call.column_weight(weight);
+    out = transposed ? convolve_transposed(kernels, call, x.view({call.rows, p.grid_channels}), w)
+                     : convolve(kernels, call, x, w);
   }
-  out = from_channels_last(kernels, out.view(transposed ? c.image_shape() : c.grid_shape()),
+  out = from_channels_last(kernels, out.view(transposed ? call.image_shape() : call.grid_shape()),
                            output_format(input, weight), input.scalar_type());
   if (bias) {
     std::vector<int64_t> bias_shape(out.dim(), 1);
@@ -486,25 +487,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
   if (!(want.input || want.weight || want.coordinates()))
     return std::make_tuple(result[0], result[1], result[2], result[3]);
 
-  const Call c(p, input, offset, mask);
+  const Call call(p, input, offset, mask);
   Gradients grads;
-  if (want.offset) grads.offset = zero_gradient(*offset, c.dtype);
-  if (want.mask) grads.mask = zero_gradient(*mask, c.dtype);
+  if (want.offset) grads.offset = zero_gradient(*offset, call.dtype);
+  if (want.mask) grads.mask = zero_gradient(*mask, call.dtype);
   // The sampled tensor and the dense one on the grid, channels-last.
   const bool sampled = want.weight || want.coordinates() || (want.input && transposed);
   const at::Tensor image =
-      sampled ? to_channels_last(kernels, transposed ? grad_output : input, c.dtype) : at::Tensor();
+      sampled ? to_channels_last(kernels, transposed ? grad_output : input, call.dtype) : at::Tensor();
   const at::Tensor dense =
-      to_channels_last(kernels, transposed ? input : grad_output, c.dtype).view({c.rows, p.grid_channels});
+      to_channels_last(kernels, transposed ? input : grad_output, call.dtype).view({call.rows, p.grid_channels});
   if (is_depthwise(p)) {
-    depthwise_backward(kernels, c, transposed, want, image, dense, c.depthwise_weight(weight), grads);
+    depthwise_backward(kernels, call, transposed, want, image, dense, call.depthwise_weight(weight), grads);
   } else {
-    column_backward(kernels, c, transposed, want, image, dense, c.column_weight(weight), grads);
+    column_backward(kernels, call, transposed, want, image, dense, call.column_weight(weight), grads);
   }
 
   const at::ScalarType dtype = input.scalar_type();
   if (want.input) {
-    const at::Tensor cl = grads.input.view(transposed ? c.grid_shape() : c.image_shape());
+    const at::Tensor cl = grads.input.view(transposed ? call.grid_shape() : call.image_shape());
     result[0] = from_channels_last(kernels, cl, input.suggest_memory_format(), dtype);
   }
   if (want.weight) {

@@ -59,21 +59,25 @@ bool use_onednn_linear(const std::string& name) {
 }
 
 void columns_times(const at::Tensor& columns, const at::Tensor& w, const at::Tensor& out) {
-  const int64_t groups = w.size(0), n = w.size(1);
-  for (int64_t g = 0; g < groups; ++g) out.narrow(1, g * n, n).copy_(matmul_nt(columns[g], w[g]));
+  const int64_t groups = w.size(0), per_group = w.size(1);
+  for (int64_t group = 0; group < groups; ++group) {
+    out.narrow(1, group * per_group, per_group).copy_(matmul_nt(columns[group], w[group]));
+  }
 }
 
 void dense_times(const at::Tensor& dense, const at::Tensor& w, const at::Tensor& grad_columns) {
-  const int64_t groups = w.size(0), n = w.size(1);
-  for (int64_t g = 0; g < groups; ++g) {
-    at::Tensor out = grad_columns[g];
-    at::mm_out(out, dense.narrow(1, g * n, n), w[g]);
+  const int64_t groups = w.size(0), per_group = w.size(1);
+  for (int64_t group = 0; group < groups; ++group) {
+    at::Tensor out = grad_columns[group];
+    at::mm_out(out, dense.narrow(1, group * per_group, per_group), w[group]);
   }
 }
 
 void add_weight_gradient(const at::Tensor& grad_w, const at::Tensor& dense, const at::Tensor& columns) {
-  const int64_t groups = grad_w.size(0), n = grad_w.size(1);
-  for (int64_t g = 0; g < groups; ++g) grad_w[g].addmm_(dense.narrow(1, g * n, n).t(), columns[g]);
+  const int64_t groups = grad_w.size(0), per_group = grad_w.size(1);
+  for (int64_t group = 0; group < groups; ++group) {
+    grad_w[group].addmm_(dense.narrow(1, group * per_group, per_group).t(), columns[group]);
+  }
 }
 
 }  // namespace dcn_plugin
