@@ -404,19 +404,15 @@ void run(const Chunk& chunk, Sweep sweep) {
       sweep.kind == Sweep::kIm2col || sweep.kind == Sweep::kCol2im || sweep.kind == Sweep::kGradients;
   const Grid<N, T> grid(chunk, column_sweep);
   switch (sweep.kind) {
-    case Sweep::kIm2col:
-      return im2col(grid);
-    case Sweep::kCol2im:
-      return col2im(grid);
+    case Sweep::kIm2col: return im2col(grid);
+    case Sweep::kCol2im: return col2im(grid);
     case Sweep::kGradients:
       if (sweep.with_columns && sweep.with_col2im) return gradients<N, T, true, true>(grid);
       if (sweep.with_columns) return gradients<N, T, true, false>(grid);
       if (sweep.with_col2im) return gradients<N, T, false, true>(grid);
       return gradients<N, T, false, false>(grid);
-    case Sweep::kDepthwise:
-      return depthwise(grid);
-    case Sweep::kDepthwiseCol2im:
-      return depthwise_col2im(grid);
+    case Sweep::kDepthwise: return depthwise(grid);
+    case Sweep::kDepthwiseCol2im: return depthwise_col2im(grid);
     case Sweep::kDepthwiseGradients:
       return sweep.with_coordinates ? depthwise_gradients<N, T, true>(grid) : depthwise_gradients<N, T, false>(grid);
   }
@@ -426,14 +422,10 @@ void sweep(const Chunk& chunk, Sweep sweep) {
   if (chunk.row_end <= chunk.row_begin || chunk.geometry->channels == 0) return;
   AT_DISPATCH_FLOATING_TYPES(chunk.dtype, "dcn_plugin_sweep", [&] {
     switch (chunk.geometry->dims) {
-      case 1:
-        return run<1, scalar_t>(chunk, sweep);
-      case 2:
-        return run<2, scalar_t>(chunk, sweep);
-      case 3:
-        return run<3, scalar_t>(chunk, sweep);
-      default:
-        TORCH_CHECK(false, "deform_conv: unsupported number of spatial dims ", chunk.geometry->dims);
+      case 1: return run<1, scalar_t>(chunk, sweep);
+      case 2: return run<2, scalar_t>(chunk, sweep);
+      case 3: return run<3, scalar_t>(chunk, sweep);
+      default: TORCH_CHECK(false, "deform_conv: unsupported number of spatial dims ", chunk.geometry->dims);
     }
   });
 }
