@@ -174,8 +174,15 @@ at::Tensor roi_table(const RoiPoolProblem& p, const at::Tensor& rois_, at::Scala
     // mmcv: ceil(size / pooled) samples, none for an empty (or inverted, or non-finite) RoI.
     return at::nan_to_num(at::ceil(size / static_cast<double>(pooled)), 0, 0, 0).clamp_min(0);
   };
-  return at::stack({index, y0, x0, height, width, grid(height, spec.pooled_h), grid(width, spec.pooled_w)}, 1)
-      .contiguous();
+  std::vector<at::Tensor> columns(kRoiColumns);
+  columns[kBatch] = index;
+  columns[kY0] = y0;
+  columns[kX0] = x0;
+  columns[kHeight] = height;
+  columns[kWidth] = width;
+  columns[kGridH] = grid(height, spec.pooled_h);
+  columns[kGridW] = grid(width, spec.pooled_w);
+  return at::stack(columns, 1).contiguous();
 }
 
 namespace {
@@ -198,6 +205,13 @@ at::Tensor deform_psroi_pool_table(const at::Tensor& input, const at::Tensor& ro
   const RoiPoolProblem p = describe_deform_psroi_pool(input, rois, offset, spatial_scale, output_dim, group_size,
                                                       pooled_size, part_size, sample_per_part, trans_std, grad_output);
   return roi_table(p, rois, compute_dtype(input.scalar_type()), /*host_check=*/false);
+}
+
+// The names of the RoI table's columns, in column order.
+std::vector<std::string> roi_table_columns() {
+  std::vector<std::string> names;
+  for (int64_t column = 0; column < kRoiColumns; ++column) names.push_back(roi_column_name(RoiColumn(column)));
+  return names;
 }
 
 }  // namespace
@@ -225,6 +239,7 @@ TORCH_LIBRARY_FRAGMENT(dcn_plugin, m) {
       "int group_size, int pooled_size, int part_size, int sample_per_part, float trans_std, "
       "Tensor? grad_output) -> Tensor",
       &deform_psroi_pool_table);
+  m.def("_roi_table_columns() -> str[]", &roi_table_columns);
 }
 
 }  // namespace dcn_plugin

@@ -36,8 +36,23 @@ namespace dcn_plugin {
 
 enum class RoiRule { kMmcv, kRfcn };
 
-// Columns of the RoI table, one row per RoI, in the compute dtype.
+// Columns of the RoI table, one row per RoI, in the compute dtype: the one definition of its layout.
+// The Triton kernel reads the columns by name (dcn_plugin::_roi_table_columns).
 enum RoiColumn : int64_t { kBatch, kY0, kX0, kHeight, kWidth, kGridH, kGridW, kRoiColumns };
+
+constexpr const char* roi_column_name(RoiColumn column) {
+  switch (column) {
+    case kBatch: return "batch";
+    case kY0: return "y0";
+    case kX0: return "x0";
+    case kHeight: return "height";
+    case kWidth: return "width";
+    case kGridH: return "grid_h";
+    case kGridW: return "grid_w";
+    case kRoiColumns: break;
+  }
+  return "";
+}
 
 struct RoiPoolSpec {
   RoiRule rule = RoiRule::kMmcv;
