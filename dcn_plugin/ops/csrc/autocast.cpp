@@ -1,5 +1,4 @@
-// Autocast kernels of dcn_plugin::deform_conv and the deformable RoI pooling ops for the CPU and
-// CUDA autocast keys.
+// Autocast kernels (CPU and CUDA) of dcn_plugin::deform_conv and the RoI pooling ops: they run in the autocast dtype.
 //
 // Under torch.autocast the op runs in the autocast dtype of the enclosing region, as aten::conv2d
 // does (torchvision's deform_conv2d instead upcasts to float32): floating-point tensor arguments on

@@ -21,7 +21,7 @@ struct Problem {
   int64_t image_channels() const { return geometry.channels; }  // channels of the sampled tensor
 };
 
-// Checks the op's arguments (ValueError-style messages that name the argument and the shapes) and
+// Checks the op's arguments (errors name the argument and the expected and actual shapes) and
 // describes the call.
 Problem describe(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,

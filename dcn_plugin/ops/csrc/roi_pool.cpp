@@ -1,4 +1,5 @@
-// Schemas and argument checks of the deformable RoI pooling ops, and their RoI table (roi_pool.h).
+// Schemas, argument checks and the RoI table of the deformable RoI pooling ops (roi_pool.h).
+//
 // The CPU kernels are in cpu/roi_pool_cpu.cpp; the CUDA kernels are Triton kernels registered from
 // Python (dcn_plugin/ops/triton/roi_pool.py), which run these checks and build the same table
 // through the _deform_roi_pool_table / _deform_psroi_pool_table ops.

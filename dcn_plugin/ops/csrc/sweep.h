@@ -1,6 +1,8 @@
-// The interface between the CPU driver (cpu/deform_conv_driver.cpp) and the sampling sweeps (cpu/sweeps.h),
-// which are compiled once per instruction set. Kept free of ATen's tensor headers so that the
-// per-ISA translation units include little besides the vector code.
+// The interface between the CPU driver and its sampling sweeps: Geometry, Sweep, Chunk, SamplingKernels.
+//
+// The driver is cpu/deform_conv_driver.cpp; the sweeps (cpu/sweeps.h) are compiled once per
+// instruction set, so this header is kept free of ATen's tensor headers and the per-ISA translation
+// units include little besides the vector code. The checks (deform_conv_checks.cpp) fill Geometry.
 //
 // Roles. Forward and transposed convolution are adjoints, so one vocabulary serves both:
 // - the *image* is the tensor that is sampled at deformed positions: the input of deformable

@@ -1,6 +1,8 @@
-// The CPU kernels of dcn_plugin::deform_conv: the driver (deform_conv_driver.cpp) with the sampling
-// sweeps compiled for the best instruction set of this CPU, chosen as ATen chooses its own kernels
-// (at::get_cpu_capability(): the CPU's best, or lower when ATEN_CPU_CAPABILITY says so).
+// CPU registration of dcn_plugin::deform_conv: the driver with the sweeps of the best instruction set, and test hooks.
+//
+// The sweeps are compiled once per instruction set (cpu/sweeps_*.cpp); the one used is chosen as
+// ATen chooses its own kernels (at::get_cpu_capability(): the CPU's best, or lower when
+// ATEN_CPU_CAPABILITY says so).
 #include <ATen/Version.h>
 #include <torch/library.h>
 

@@ -1,5 +1,6 @@
-// The CPU driver of dcn_plugin::deform_conv: forward and backward from matrix products and the sampling
-// sweeps of sweep.h. (The CUDA kernels are Triton kernels with the same algebra: dcn_plugin/ops/triton/.)
+// The CPU driver of dcn_plugin::deform_conv: forward and backward from matrix products and sampling sweeps.
+//
+// The CUDA kernels are Triton kernels with the same algebra (dcn_plugin/ops/triton/).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +9,7 @@
 
 namespace dcn_plugin {
 
+// dcn_plugin::deform_conv and dcn_plugin::deform_conv_backward on CPU tensors, sampling with `kernels`.
 at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,

@@ -1,11 +1,11 @@
-// CPU kernels of dcn_plugin::deform_roi_pool and dcn_plugin::deform_psroi_pool (see roi_pool.h for
-// the semantics both ops share), and their CPU registration.
+// CPU kernels of the deformable RoI pooling ops (deform_roi_pool, deform_psroi_pool) and their registration.
 //
-// The input is read channels-last per position-sensitive group, (B, H, W, G * G, C), in the compute
-// dtype, so that every sample is a few contiguous, vectorisable rows of C values. Each bin's samples
-// are built once (per axis: the rows and columns it reads, their weights and slopes) and reused by
-// all its channels. Work is split so that no two threads write the same element, and every element
-// is summed in a fixed order, so results do not depend on the number of threads:
+// roi_pool.h describes what both ops compute. The input is read channels-last per position-sensitive
+// group, (B, H, W, G * G, C), in the compute dtype, so that every sample is a few contiguous,
+// vectorisable rows of C values. Each bin's samples are built once (per axis: the rows and columns
+// it reads, their weights and slopes) and reused by all its channels. Work is split so that no two
+// threads write the same element, and every element is summed in a fixed order, so results do not
+// depend on the number of threads:
 // - forward: one (RoI, bin) per task;
 // - input gradient: one (group, block of channels) per task, each looping over every RoI and bin;
 // - offset gradient: one RoI per task.
@@ -197,7 +197,10 @@ void offset_grad_kernel(const RoiPoolData<acc_t>& data, const acc_t* grad_output
               auto row = [&](int64_t yy, int64_t xx) {
                 return data.at(data.input, bin.batch, yy * p.width + xx, bin.group) + cls * per_class;
               };
-              const acc_t* __restrict ll = row(y.low, x.low), * __restrict lh = row(y.low, x.high), * __restrict hl = row(y.high, x.low), * __restrict hh = row(y.high, x.high);
+              const acc_t* __restrict ll = row(y.low, x.low);
+              const acc_t* __restrict lh = row(y.low, x.high);
+              const acc_t* __restrict hl = row(y.high, x.low);
+              const acc_t* __restrict hh = row(y.high, x.high);
               // d value / d x and d value / d y of the sample, against grad, over the class's channels.
               acc_t gx = 0, gy = 0;
               for (int64_t c = 0; c < per_class; ++c) {

@@ -1,7 +1,9 @@
-// The CPU sampling sweeps of sweep.h, written once for every N and scalar type, and compiled once
-// per instruction set as ATen compiles its kernels: sweeps_{default,avx2,avx512}.cpp define
-// CPU_CAPABILITY (which also selects at::vec's implementation) and setup.py builds each with its
-// -m flags; deform_conv_cpu.cpp picks one at run time from at::get_cpu_capability().
+// The CPU sampling sweeps of sweep.h, written once for every N and scalar type.
+//
+// They are compiled once per instruction set, as ATen compiles its kernels:
+// sweeps_{default,avx2,avx512}.cpp define CPU_CAPABILITY (which also selects at::vec's
+// implementation) and setup.py builds each with its -m flags; deform_conv_cpu.cpp picks one at run
+// time from at::get_cpu_capability().
 //
 // Channels-last and vectorised over channels: for each (grid point, kernel point, offset group)
 // the 2^N corners are located once, and every channel of the group is then sampled with 2^N
