@@ -123,6 +123,22 @@ def test_bad_arguments_are_checked_first(triton_device):
         roi_pool.deform_psroi_pool(t["input"], t["rois"], None, 0.5, 3, 2, 3, 3, 1, 0.0)
 
 
+@pytest.mark.skipif(not TRITON_IMPORTABLE, reason=NO_TRITON)
+def test_table_columns_are_the_cpp_layout():
+    """The Triton kernel reads the RoI table by the column names C++ defines (RoiColumn in
+    csrc/roi_pool.h): a table the C++ op builds for a known RoI has each value in its named column."""
+    from dcn_plugin.ops.triton import roi_pool
+
+    # mmcv's rule at spatial_scale 0.5: corner (x1, y1) * 0.5 - 0.5, size (x2 - x1, y2 - y1) * 0.5,
+    # and adaptive sampling: ceil(size / pooled) samples per bin along each axis.
+    input = torch.zeros(2, 1, 8, 8, dtype=torch.float64)
+    rois = torch.tensor([[1.0, 2, 4, 14, 12]], dtype=torch.float64)  # batch index, x1, y1, x2, y2
+    table = torch.ops.dcn_plugin._deform_roi_pool_table(input, rois, None, [2, 2], 0.5, 0, 0.1, None)
+    expected = {"batch": 1, "y0": 1.5, "x0": 0.5, "height": 4, "width": 6, "grid_h": 2, "grid_w": 3}
+    assert sorted(roi_pool.TABLE_COLUMNS.values()) == list(range(table.shape[1]))
+    assert {name: table[0, roi_pool.TABLE_COLUMNS[name]].item() for name in expected} == expected
+
+
 @pytest.mark.parametrize("kind", ["roi", "psroi"])
 def test_opcheck(triton_device, kind):
     case = _tiny(kind, batch=1, size=(4, 5))

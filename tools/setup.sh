@@ -10,7 +10,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q "torch==${DCN_TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install -q "setuptools>=64" wheel ninja numpy pytest hypothesis ruff
+# Dev tools: tests, Python lint, and the C++ formatter CI checks with (.clang-format).
+python -m pip install -q "setuptools>=64" wheel ninja numpy pytest hypothesis ruff clang-format==23.1.3
 # Triton, for the tests of the GPU kernels under its interpreter: only where none is importable
 # (torch's CUDA wheels bring their own, which must stay). triton 3.9 requires nothing but
 # importlib-metadata on Python < 3.10, so it cannot pull a torch.

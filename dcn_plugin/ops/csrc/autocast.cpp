@@ -1,5 +1,4 @@
-// Autocast kernels of dcn_plugin::deform_conv and the deformable RoI pooling ops for the CPU and
-// CUDA autocast keys.
+// Autocast kernels (CPU and CUDA) of dcn_plugin::deform_conv and the RoI pooling ops: they run in the autocast dtype.
 //
 // Under torch.autocast the op runs in the autocast dtype of the enclosing region, as aten::conv2d
 // does (torchvision's deform_conv2d instead upcasts to float32): floating-point tensor arguments on
@@ -16,9 +15,9 @@ namespace dcn_plugin {
 namespace {
 
 using OptionalTensor = std::optional<at::Tensor>;
-using DeformConvFn = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                                const OptionalTensor&, const OptionalTensor&, at::IntArrayRef, at::IntArrayRef,
-                                at::IntArrayRef, bool, at::IntArrayRef, int64_t);
+using DeformConvFn = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+                                const OptionalTensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool,
+                                at::IntArrayRef, int64_t);
 
 template <c10::DeviceType device>
 at::Tensor deform_conv_autocast(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& offset,
@@ -30,12 +29,12 @@ at::Tensor deform_conv_autocast(const at::Tensor& input, const at::Tensor& weigh
       c10::Dispatcher::singleton().findSchemaOrThrow("dcn_plugin::deform_conv", "").typed<DeformConvFn>();
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
   auto cast = [&](const auto& tensor) { return at::autocast::cached_cast(dtype, tensor, device); };
-  return op.call(cast(input), cast(weight), cast(offset), cast(mask), cast(bias), stride, padding, dilation,
-                 transposed, output_padding, groups);
+  return op.call(cast(input), cast(weight), cast(offset), cast(mask), cast(bias), stride, padding, dilation, transposed,
+                 output_padding, groups);
 }
 
-using DeformRoiPoolFn = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&, at::IntArrayRef,
-                                   double, int64_t, double);
+using DeformRoiPoolFn = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&, at::IntArrayRef, double,
+                                   int64_t, double);
 using DeformPsroiPoolFn = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&, double, int64_t,
                                      int64_t, int64_t, int64_t, int64_t, double);
 
@@ -57,18 +56,17 @@ template <c10::DeviceType device>
 at::Tensor deform_roi_pool_autocast(const at::Tensor& input, const at::Tensor& rois, const OptionalTensor& offset,
                                     at::IntArrayRef output_size, double spatial_scale, int64_t sampling_ratio,
                                     double gamma) {
-  return RoiPoolAutocast<DeformRoiPoolFn, device>::call("dcn_plugin::deform_roi_pool", input, rois, offset,
-                                                        output_size, spatial_scale, sampling_ratio, gamma);
+  return RoiPoolAutocast<DeformRoiPoolFn, device>::call("dcn_plugin::deform_roi_pool", input, rois, offset, output_size,
+                                                        spatial_scale, sampling_ratio, gamma);
 }
 
 template <c10::DeviceType device>
 at::Tensor deform_psroi_pool_autocast(const at::Tensor& input, const at::Tensor& rois, const OptionalTensor& offset,
-                                      double spatial_scale, int64_t output_dim, int64_t group_size,
-                                      int64_t pooled_size, int64_t part_size, int64_t sample_per_part,
-                                      double trans_std) {
+                                      double spatial_scale, int64_t output_dim, int64_t group_size, int64_t pooled_size,
+                                      int64_t part_size, int64_t sample_per_part, double trans_std) {
   return RoiPoolAutocast<DeformPsroiPoolFn, device>::call("dcn_plugin::deform_psroi_pool", input, rois, offset,
-                                                          spatial_scale, output_dim, group_size, pooled_size,
-                                                          part_size, sample_per_part, trans_std);
+                                                          spatial_scale, output_dim, group_size, pooled_size, part_size,
+                                                          sample_per_part, trans_std);
 }
 
 }  // namespace

@@ -1,24 +1,13 @@
-// The CPU driver of dcn_plugin::deform_conv: forward and backward built from matrix products and
-// the sampling sweeps of sweep.h. (The CUDA kernels are Triton kernels with the same algebra:
-// dcn_plugin/ops/triton/.)
+// What the op file of dcn_plugin::deform_conv (deform_conv.cpp) shares with its kernels: the workspace limit.
 #pragma once
 
-#include <ATen/ATen.h>
-
-#include "sweep.h"
+#include <cstdint>
 
 namespace dcn_plugin {
 
-at::Tensor deform_conv_forward(const SamplingKernels& kernels, const at::Tensor& input, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
-                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-                               at::IntArrayRef output_padding, int64_t groups);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
-    const SamplingKernels& kernels, const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& weight, const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-    at::IntArrayRef output_padding, int64_t groups, std::array<bool, 4> output_mask);
+// Bytes of scratch memory the drivers may use for one kind of buffer (a thread's columns, the
+// threads' private copies of the images they scatter onto, their weight-gradient sums); the Triton
+// driver reads it through dcn_plugin::_workspace_limit.
+int64_t workspace_limit();
 
 }  // namespace dcn_plugin

@@ -1,10 +1,13 @@
-// Schemas and argument checks of the deformable RoI pooling ops, and their RoI table (roi_pool.h).
+// Schemas, argument checks and the RoI table of the deformable RoI pooling ops (roi_pool.h).
+//
 // The CPU kernels are in cpu/roi_pool_cpu.cpp; the CUDA kernels are Triton kernels registered from
 // Python (dcn_plugin/ops/triton/roi_pool.py), which run these checks and build the same table
 // through the _deform_roi_pool_table / _deform_psroi_pool_table ops.
 #include "roi_pool.h"
 
 #include <torch/library.h>
+
+#include "compute_dtype.h"
 
 namespace dcn_plugin {
 namespace {
@@ -33,8 +36,8 @@ RoiPoolProblem describe_common(const char* op, const at::Tensor& input, const at
               ": rois must have shape (R, 5), rows [batch_index, x1, y1, x2, y2], got shape ", rois.sizes());
   TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be a floating-point tensor, got ",
               rois.scalar_type());
-  TORCH_CHECK(rois.device() == input.device(), op, ": rois is on ", rois.device(), " but input is on ",
-              input.device(), "; all tensors must be on the same device");
+  TORCH_CHECK(rois.device() == input.device(), op, ": rois is on ", rois.device(), " but input is on ", input.device(),
+              "; all tensors must be on the same device");
   if (offset) check_same(op, input, *offset, "offset");
   TORCH_CHECK(std::isfinite(spatial_scale) && spatial_scale > 0, op, ": spatial_scale must be positive, got ",
               spatial_scale);
@@ -50,9 +53,9 @@ RoiPoolProblem describe_common(const char* op, const at::Tensor& input, const at
 }
 
 void check_offset_shape(const RoiPoolProblem& p, const at::Tensor& offset, const char* expected) {
-  const RoiPoolSpec& s = p.spec;
-  TORCH_CHECK(offset.dim() == 4 && offset.size(0) == p.rois && offset.size(1) == 2 * s.classes &&
-                  offset.size(2) == s.part_h && offset.size(3) == s.part_w,
+  const RoiPoolSpec& spec = p.spec;
+  TORCH_CHECK(offset.dim() == 4 && offset.size(0) == p.rois && offset.size(1) == 2 * spec.classes &&
+                  offset.size(2) == spec.part_h && offset.size(3) == spec.part_w,
               p.op, ": offset must have shape ", expected, ", got shape ", offset.sizes());
 }
 
@@ -79,16 +82,16 @@ RoiPoolProblem describe_deform_roi_pool(const at::Tensor& input, const at::Tenso
   check_positive(op, output_size[1], "output_size[1] (width)");
   TORCH_CHECK(sampling_ratio >= 0, op, ": sampling_ratio must be non-negative (0: adaptive), got ", sampling_ratio);
   TORCH_CHECK(std::isfinite(gamma), op, ": gamma must be finite, got ", gamma);
-  RoiPoolSpec& s = p.spec;
-  s.rule = RoiRule::kMmcv;
-  s.pooled_h = s.part_h = output_size[0];
-  s.pooled_w = s.part_w = output_size[1];
-  s.sampling = sampling_ratio;
-  s.offset_scale = gamma;
+  RoiPoolSpec& spec = p.spec;
+  spec.rule = RoiRule::kMmcv;
+  spec.pooled_h = spec.part_h = output_size[0];
+  spec.pooled_w = spec.part_w = output_size[1];
+  spec.sampling = sampling_ratio;
+  spec.offset_scale = gamma;
   p.channels = input.size(1);
   if (offset) {
-    const std::string expected =
-        "(R=" + std::to_string(p.rois) + ", 2, " + std::to_string(s.pooled_h) + ", " + std::to_string(s.pooled_w) + ")";
+    const std::string expected = "(R=" + std::to_string(p.rois) + ", 2, " + std::to_string(spec.pooled_h) + ", " +
+                                 std::to_string(spec.pooled_w) + ")";
     check_offset_shape(p, *offset, expected.c_str());
   }
   check_grad_output(p, input, grad_output);
@@ -109,24 +112,25 @@ RoiPoolProblem describe_deform_psroi_pool(const at::Tensor& input, const at::Ten
   check_positive(op, sample_per_part, "sample_per_part");
   TORCH_CHECK(std::isfinite(trans_std), op, ": trans_std must be finite, got ", trans_std);
   const int64_t groups = group_size * group_size;
-  TORCH_CHECK(input.size(1) == output_dim * groups, op, ": input must have output_dim * group_size^2 = ",
-              output_dim, " * ", group_size, "^2 = ", output_dim * groups, " channels, got ", input.size(1));
-  RoiPoolSpec& s = p.spec;
-  s.rule = RoiRule::kRfcn;
-  s.pooled_h = s.pooled_w = pooled_size;
-  s.group_size = group_size;
-  s.part_h = s.part_w = part_size;
-  s.sampling = sample_per_part;
-  s.offset_scale = trans_std;
+  TORCH_CHECK(input.size(1) == output_dim * groups, op, ": input must have output_dim * group_size^2 = ", output_dim,
+              " * ", group_size, "^2 = ", output_dim * groups, " channels, got ", input.size(1));
+  RoiPoolSpec& spec = p.spec;
+  spec.rule = RoiRule::kRfcn;
+  spec.pooled_h = spec.pooled_w = pooled_size;
+  spec.group_size = group_size;
+  spec.part_h = spec.part_w = part_size;
+  spec.sampling = sample_per_part;
+  spec.offset_scale = trans_std;
   p.channels = output_dim;
   if (offset) {
     TORCH_CHECK(offset->dim() == 4 && offset->size(1) > 0 && offset->size(1) % 2 == 0, op,
                 ": offset must have shape (R, 2 * classes, part_size, part_size), got shape ", offset->sizes());
-    s.classes = offset->size(1) / 2;
-    TORCH_CHECK(output_dim % s.classes == 0, op, ": offset has ", s.classes, " classes (", offset->size(1),
+    spec.classes = offset->size(1) / 2;
+    TORCH_CHECK(output_dim % spec.classes == 0, op, ": offset has ", spec.classes, " classes (", offset->size(1),
                 " channels / 2), which does not divide output_dim = ", output_dim);
-    const std::string expected = "(R=" + std::to_string(p.rois) + ", 2 * classes, part_size=" +
-                                 std::to_string(part_size) + ", part_size=" + std::to_string(part_size) + ")";
+    const std::string expected = "(R=" + std::to_string(p.rois) +
+                                 ", 2 * classes, part_size=" + std::to_string(part_size) +
+                                 ", part_size=" + std::to_string(part_size) + ")";
     check_offset_shape(p, *offset, expected.c_str());
   }
   check_grad_output(p, input, grad_output);
@@ -134,7 +138,7 @@ RoiPoolProblem describe_deform_psroi_pool(const at::Tensor& input, const at::Ten
 }
 
 at::Tensor roi_table(const RoiPoolProblem& p, const at::Tensor& rois_, at::ScalarType dtype, bool host_check) {
-  const RoiPoolSpec& s = p.spec;
+  const RoiPoolSpec& spec = p.spec;
   const at::Tensor rois = rois_.to(dtype);
   const at::Tensor index = rois.select(1, 0);
   if (p.rois > 0) {
@@ -150,9 +154,9 @@ at::Tensor roi_table(const RoiPoolProblem& p, const at::Tensor& rois_, at::Scala
                   ") for an input of batch size ", p.batch);
     }
   }
-  const double scale = s.spatial_scale;
+  const double scale = spec.spatial_scale;
   at::Tensor x0, y0, width, height;
-  if (s.rule == RoiRule::kMmcv) {
+  if (spec.rule == RoiRule::kMmcv) {
     // Half-pixel alignment: pixel i covers [i - 0.5, i + 0.5) in input coordinates.
     x0 = rois.select(1, 1) * scale - 0.5;
     y0 = rois.select(1, 2) * scale - 0.5;
@@ -167,12 +171,19 @@ at::Tensor roi_table(const RoiPoolProblem& p, const at::Tensor& rois_, at::Scala
     height = ((rounded.select(1, 4) + 1) * scale - 0.5 - y0).clamp_min(0.1);
   }
   auto grid = [&](const at::Tensor& size, int64_t pooled) {
-    if (s.sampling > 0) return at::full_like(size, static_cast<double>(s.sampling));
+    if (spec.sampling > 0) return at::full_like(size, static_cast<double>(spec.sampling));
     // mmcv: ceil(size / pooled) samples, none for an empty (or inverted, or non-finite) RoI.
     return at::nan_to_num(at::ceil(size / static_cast<double>(pooled)), 0, 0, 0).clamp_min(0);
   };
-  return at::stack({index, y0, x0, height, width, grid(height, s.pooled_h), grid(width, s.pooled_w)}, 1)
-      .contiguous();
+  std::vector<at::Tensor> columns(kRoiColumns);
+  columns[kBatch] = index;
+  columns[kY0] = y0;
+  columns[kX0] = x0;
+  columns[kHeight] = height;
+  columns[kWidth] = width;
+  columns[kGridH] = grid(height, spec.pooled_h);
+  columns[kGridW] = grid(width, spec.pooled_w);
+  return at::stack(columns, 1).contiguous();
 }
 
 namespace {
@@ -185,18 +196,23 @@ at::Tensor deform_roi_pool_table(const at::Tensor& input, const at::Tensor& rois
                                  const std::optional<at::Tensor>& grad_output) {
   const RoiPoolProblem p =
       describe_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, grad_output);
-  return roi_table(p, rois, roi_compute_dtype(input.scalar_type()), /*host_check=*/false);
+  return roi_table(p, rois, compute_dtype(input.scalar_type()), /*host_check=*/false);
 }
 
 at::Tensor deform_psroi_pool_table(const at::Tensor& input, const at::Tensor& rois,
-                                   const std::optional<at::Tensor>& offset, double spatial_scale,
-                                   int64_t output_dim, int64_t group_size, int64_t pooled_size, int64_t part_size,
-                                   int64_t sample_per_part, double trans_std,
-                                   const std::optional<at::Tensor>& grad_output) {
+                                   const std::optional<at::Tensor>& offset, double spatial_scale, int64_t output_dim,
+                                   int64_t group_size, int64_t pooled_size, int64_t part_size, int64_t sample_per_part,
+                                   double trans_std, const std::optional<at::Tensor>& grad_output) {
   const RoiPoolProblem p = describe_deform_psroi_pool(input, rois, offset, spatial_scale, output_dim, group_size,
-                                                      pooled_size, part_size, sample_per_part, trans_std,
-                                                      grad_output);
-  return roi_table(p, rois, roi_compute_dtype(input.scalar_type()), /*host_check=*/false);
+                                                      pooled_size, part_size, sample_per_part, trans_std, grad_output);
+  return roi_table(p, rois, compute_dtype(input.scalar_type()), /*host_check=*/false);
+}
+
+// The names of the RoI table's columns, in column order.
+std::vector<std::string> roi_table_columns() {
+  std::vector<std::string> names;
+  for (int64_t column = 0; column < kRoiColumns; ++column) names.push_back(roi_column_name(RoiColumn(column)));
+  return names;
 }
 
 }  // namespace
@@ -224,6 +240,7 @@ TORCH_LIBRARY_FRAGMENT(dcn_plugin, m) {
       "int group_size, int pooled_size, int part_size, int sample_per_part, float trans_std, "
       "Tensor? grad_output) -> Tensor",
       &deform_psroi_pool_table);
+  m.def("_roi_table_columns() -> str[]", &roi_table_columns);
 }
 
 }  // namespace dcn_plugin

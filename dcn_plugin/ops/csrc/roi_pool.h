@@ -36,18 +36,33 @@ namespace dcn_plugin {
 
 enum class RoiRule { kMmcv, kRfcn };
 
-// Columns of the RoI table, one row per RoI, in the compute dtype.
+// Columns of the RoI table, one row per RoI, in the compute dtype: the one definition of its layout.
+// The Triton kernel reads the columns by name (dcn_plugin::_roi_table_columns).
 enum RoiColumn : int64_t { kBatch, kY0, kX0, kHeight, kWidth, kGridH, kGridW, kRoiColumns };
+
+constexpr const char* roi_column_name(RoiColumn column) {
+  switch (column) {
+    case kBatch: return "batch";
+    case kY0: return "y0";
+    case kX0: return "x0";
+    case kHeight: return "height";
+    case kWidth: return "width";
+    case kGridH: return "grid_h";
+    case kGridW: return "grid_w";
+    case kRoiColumns: break;
+  }
+  return "";
+}
 
 struct RoiPoolSpec {
   RoiRule rule = RoiRule::kMmcv;
   int64_t pooled_h = 1, pooled_w = 1;
-  int64_t group_size = 1;    // G: position-sensitive groups per side
+  int64_t group_size = 1;  // G: position-sensitive groups per side
   int64_t part_h = 1, part_w = 1;
-  int64_t classes = 1;       // offset classes (1 without offsets)
+  int64_t classes = 1;  // offset classes (1 without offsets)
   double spatial_scale = 1;
-  int64_t sampling = 0;      // samples per bin and axis; 0: adaptive, ceil(bin size) (mmcv)
-  double offset_scale = 0;   // gamma (mmcv) or trans_std (R-FCN)
+  int64_t sampling = 0;     // samples per bin and axis; 0: adaptive, ceil(bin size) (mmcv)
+  double offset_scale = 0;  // gamma (mmcv) or trans_std (R-FCN)
 
   int64_t bins() const { return pooled_h * pooled_w; }
   int64_t groups() const { return group_size * group_size; }
@@ -85,11 +100,6 @@ RoiPoolProblem describe_deform_psroi_pool(const at::Tensor& input, const at::Ten
                                           int64_t part_size, int64_t sample_per_part, double trans_std,
                                           const std::optional<at::Tensor>& grad_output);
 
-// The dtype sampling positions and sums are computed in: float64 for double, float32 otherwise.
-inline at::ScalarType roi_compute_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The (R, kRoiColumns) RoI table in the compute dtype, with ATen ops (any device). Checks that
 // every batch index is an integer in [0, batch): with `host_check` by reading the RoIs on the host,
 // which names the bad row (the CPU kernels); otherwise with a device-side assert
@@ -109,20 +119,20 @@ struct AxisSample {
 
 template <typename acc_t>
 inline AxisSample<acc_t> clamp_axis(acc_t pos, int64_t size, acc_t margin) {
-  AxisSample<acc_t> s;
+  AxisSample<acc_t> sample;
   const acc_t last = acc_t(size - 1);
-  s.valid = pos >= -margin && pos <= last + margin;  // false for NaN
-  if (!s.valid) return s;
+  sample.valid = pos >= -margin && pos <= last + margin;  // false for NaN
+  if (!sample.valid) return sample;
   if (pos > 0 && pos < last) {
-    s.low = static_cast<int64_t>(std::floor(pos));
-    s.high = s.low + 1;
-    s.w_high = pos - acc_t(s.low);
-    s.slope = 1;
+    sample.low = static_cast<int64_t>(std::floor(pos));
+    sample.high = sample.low + 1;
+    sample.w_high = pos - acc_t(sample.low);
+    sample.slope = 1;
   } else {
-    s.low = s.high = pos <= 0 ? 0 : size - 1;
+    sample.low = sample.high = pos <= 0 ? 0 : size - 1;
   }
-  s.w_low = 1 - s.w_high;
-  return s;
+  sample.w_low = 1 - sample.w_high;
+  return sample;
 }
 
 }  // namespace dcn_plugin

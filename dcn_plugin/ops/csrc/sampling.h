@@ -1,8 +1,9 @@
 // N-linear sampling: where a sampling position falls in the image.
 //
 // A position `pos` (N coordinates, in image points) touches the 2^N corners of the cell that
-// contains it. Corner `c` takes, along dimension d, the lower neighbour when bit d of c is 0 and
-// the upper one when it is 1. A corner outside the image reads zero, as in torchvision.
+// contains it. Corner number `corner` takes, along dimension d, the lower neighbour when bit d of
+// `corner` is 0 and the upper one when it is 1. A corner outside the image reads zero, as in
+// torchvision.
 #pragma once
 
 #include <cmath>
@@ -27,7 +28,7 @@ template <int N, typename T>
 inline void locate_corners(const T* pos, const int64_t* size, const int64_t* stride, Corners<N, T>& out) {
   int64_t low[N];
   bool low_inside[N], high_inside[N];
-DCN_UNROLL
+  DCN_UNROLL
   for (int d = 0; d < N; ++d) {
     // Written so that NaN and huge positions fall in the "outside" branch before any cast.
     if (pos[d] > T(-1) && pos[d] < T(size[d])) {
@@ -42,20 +43,20 @@ DCN_UNROLL
       low_inside[d] = high_inside[d] = false;
     }
   }
-DCN_UNROLL
-  for (int c = 0; c < Corners<N, T>::kCount; ++c) {
+  DCN_UNROLL
+  for (int corner = 0; corner < Corners<N, T>::kCount; ++corner) {
     bool inside = true;
     int64_t flat = 0;
     T w = T(1);
-DCN_UNROLL
+    DCN_UNROLL
     for (int d = 0; d < N; ++d) {
-      const bool high = (c >> d) & 1;
+      const bool high = (corner >> d) & 1;
       inside = inside && (high ? high_inside[d] : low_inside[d]);
       flat += (low[d] + high) * stride[d];
       w *= high ? out.frac[d] : T(1) - out.frac[d];
     }
-    out.index[c] = inside ? flat : -1;
-    out.weight[c] = inside ? w : T(0);
+    out.index[corner] = inside ? flat : -1;
+    out.weight[corner] = inside ? w : T(0);
   }
 }
 

@@ -1,6 +1,8 @@
-// The interface between the CPU driver (deform_conv.cpp) and the sampling sweeps (cpu/sweeps.h),
-// which are compiled once per instruction set. Kept free of ATen's tensor headers so that the
-// per-ISA translation units include little besides the vector code.
+// The interface between the CPU driver and its sampling sweeps: Geometry, Sweep, Chunk, SamplingKernels.
+//
+// The driver is cpu/deform_conv_driver.cpp; the sweeps (cpu/sweeps.h) are compiled once per
+// instruction set, so this header is kept free of ATen's tensor headers and the per-ISA translation
+// units include little besides the vector code. The checks (deform_conv_checks.cpp) fill Geometry.
 //
 // Roles. Forward and transposed convolution are adjoints, so one vocabulary serves both:
 // - the *image* is the tensor that is sampled at deformed positions: the input of deformable
@@ -20,17 +22,17 @@
 namespace dcn_plugin {
 
 struct Geometry {
-  int64_t dims = 0;                 // N, the number of spatial dimensions
-  int64_t image_size[kMaxDims];     // spatial size of the sampled image
-  int64_t image_stride[kMaxDims];   // row-major strides of the image's points, in points
-  int64_t grid_size[kMaxDims];      // spatial size of the column grid
+  int64_t dims = 0;                // N, the number of spatial dimensions
+  int64_t image_size[kMaxDims];    // spatial size of the sampled image
+  int64_t image_stride[kMaxDims];  // row-major strides of the image's points, in points
+  int64_t grid_size[kMaxDims];     // spatial size of the column grid
   int64_t kernel_size[kMaxDims];
   int64_t stride[kMaxDims];
   int64_t padding[kMaxDims];
   int64_t dilation[kMaxDims];
-  int64_t channels = 0;             // C_image, channels of the sampled image
-  int64_t offset_groups = 0;        // 0 when there is no offset
-  int64_t mask_groups = 0;          // 0 when there is no mask
+  int64_t channels = 0;       // C_image, channels of the sampled image
+  int64_t offset_groups = 0;  // 0 when there is no offset
+  int64_t mask_groups = 0;    // 0 when there is no mask
 
   int64_t kernel_points() const { return product(kernel_size); }
   int64_t grid_points() const { return product(grid_size); }
@@ -72,8 +74,8 @@ struct Sweep {
   static Sweep depthwise_gradients(bool coordinates) { return {kDepthwiseGradients, false, false, coordinates}; }
 };
 
-// A tensor on the grid (offset, mask, their gradients): element (image i, channel q, grid point l)
-// at data + i * image + q * channel + l * point. Null data: absent.
+// A tensor on the grid (offset, mask, their gradients): element (image i, channel c, grid point l)
+// at data + i * image + c * channel + l * point. Null data: absent.
 struct GridTensor {
   void* data = nullptr;
   int64_t image = 0, channel = 0, point = 0;
@@ -81,18 +83,19 @@ struct GridTensor {
 
 // What a sweep reads and writes. It covers the rows [row_begin, row_end) of the batch's grid:
 // row r is grid point r % L of image r / L (L grid points per image). Pointers address the whole
-// batch, in the column dtype, except grad_image, columns and grad_columns; a sweep reads only
-// those its kind needs. Sums it accumulates into must not be written by another thread meanwhile.
+// batch, in the compute dtype (compute_dtype.h), except grad_image, columns and grad_columns; a
+// sweep reads only those its kind needs. Sums it accumulates into must not be written by another
+// thread meanwhile.
 struct Chunk {
   const Geometry* geometry = nullptr;
   c10::ScalarType dtype = c10::ScalarType::Float;
   int64_t row_begin = 0, row_end = 0;
-  int64_t groups = 1;                   // convolution groups: the column layout
-  const void* image = nullptr;          // (B, image points, C)
-  void* grad_image = nullptr;           // (images, image points, C), accumulated, holding images
-  int64_t grad_image_first = 0;         // grad_image_first, grad_image_first + 1, ...
-  GridTensor offset, mask;              // (B, offset_groups * K * N, L), (B, mask_groups * K, L)
-  GridTensor grad_offset, grad_mask;    // their gradients, accumulated; null: not wanted
+  int64_t groups = 1;                 // convolution groups: the column layout
+  const void* image = nullptr;        // (B, image points, C)
+  void* grad_image = nullptr;         // (images, image points, C), accumulated, holding images
+  int64_t grad_image_first = 0;       // grad_image_first, grad_image_first + 1, ...
+  GridTensor offset, mask;            // (B, offset_groups * K * N, L), (B, mask_groups * K, L)
+  GridTensor grad_offset, grad_mask;  // their gradients, accumulated; null: not wanted
   // The chunk's columns, group-major: (groups, rows, K, C / groups) for rows = row_end - row_begin.
   void* columns = nullptr;
   const void* grad_columns = nullptr;
@@ -111,9 +114,5 @@ struct SamplingKernels {
   // dst[b] = src[b]^T for `batch` contiguous (rows, cols) matrices of a floating dtype.
   void (*transpose)(c10::ScalarType dtype, const void* src, void* dst, int64_t batch, int64_t rows, int64_t cols);
 };
-
-// Bytes of scratch memory the driver may use for one kind of buffer (a thread's columns, the
-// threads' private copies of the images they scatter onto, their weight-gradient sums).
-int64_t workspace_limit();
 
 }  // namespace dcn_plugin

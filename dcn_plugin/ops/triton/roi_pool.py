@@ -26,7 +26,7 @@ interpreter (``TRITON_INTERPRET=1``), which is how the tests check the kernel wi
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -35,6 +35,33 @@ from torch import Tensor
 
 from .driver import alert_scatter, device_guard
 from .kernels import FP_FUSION
+
+#: The RoI table's columns that :func:`roi_pool_kernel` reads.
+_KERNEL_READS = ("batch", "y0", "x0", "height", "width", "grid_h", "grid_w")
+
+
+def _table_columns() -> Dict[str, int]:
+    """The column of each name in the RoI table, from its one definition, in C++ (``RoiColumn`` in
+    ``csrc/roi_pool.h``, through ``dcn_plugin::_roi_table_columns``)."""
+    columns = {name: index for index, name in enumerate(torch.ops.dcn_plugin._roi_table_columns())}
+    missing = [name for name in _KERNEL_READS if name not in columns]
+    if missing:
+        raise RuntimeError(f"roi_pool_kernel reads RoI table columns {missing} that the compiled ops do not "
+                           f"define (they define {list(columns)}): rebuild them from this tree")
+    return columns
+
+
+#: Column index of each name in the RoI table, read once at import.
+TABLE_COLUMNS = _table_columns()
+# The table's row length and the kernel's columns, as compile-time constants of the kernel.
+_ROW = tl.constexpr(len(TABLE_COLUMNS))
+_BATCH = tl.constexpr(TABLE_COLUMNS["batch"])
+_Y0 = tl.constexpr(TABLE_COLUMNS["y0"])
+_X0 = tl.constexpr(TABLE_COLUMNS["x0"])
+_HEIGHT = tl.constexpr(TABLE_COLUMNS["height"])
+_WIDTH = tl.constexpr(TABLE_COLUMNS["width"])
+_GRID_H = tl.constexpr(TABLE_COLUMNS["grid_h"])
+_GRID_W = tl.constexpr(TABLE_COLUMNS["grid_w"])
 
 
 @triton.jit
@@ -68,9 +95,8 @@ def roi_pool_kernel(
     FORWARD: tl.constexpr, INPUT_GRAD: tl.constexpr, OFFSET_GRAD: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """See the module docstring. Shapes: input ``(B, H, W, groups, C)``, table ``(R, 7)`` in ``ACC``
-    (columns batch, y0, x0, height, width, grid_h, grid_w: ``RoiColumn`` in ``csrc/roi_pool.h``),
-    scale ``(1,)`` in ``ACC`` (the offsets' scale),
+    """See the module docstring. Shapes: input ``(B, H, W, groups, C)``, table ``(R, columns)`` in
+    ``ACC`` (columns as :data:`TABLE_COLUMNS`), scale ``(1,)`` in ``ACC`` (the offsets' scale),
     offset ``(R, classes, 2, part_h, part_w)``, grad_output and output ``(R, C, PH, PW)``,
     grad_input ``(B, H, W, groups, C)`` in ``ACC``, partial ``(classes * tiles, items = R * PH * PW, 2)``
     in ``ACC``."""
@@ -89,16 +115,16 @@ def roi_pool_kernel(
         tl.minimum(pw * group_size // pooled_w, group_size - 1)
     part = (ph * part_h // pooled_h) * part_w + pw * part_w // pooled_w
 
-    row = table + r * 7
-    batch = tl.load(row).to(tl.int64)
-    roi_h = tl.load(row + 3)
-    roi_w = tl.load(row + 4)
-    grid_h = tl.load(row + 5).to(tl.int32)
-    grid_w = tl.load(row + 6).to(tl.int32)
+    row = table + r * _ROW
+    batch = tl.load(row + _BATCH).to(tl.int64)
+    roi_h = tl.load(row + _HEIGHT)
+    roi_w = tl.load(row + _WIDTH)
+    grid_h = tl.load(row + _GRID_H).to(tl.int32)
+    grid_w = tl.load(row + _GRID_W).to(tl.int32)
     bin_h = roi_h / pooled_h
     bin_w = roi_w / pooled_w
-    y0 = tl.load(row + 1) + ph * bin_h
-    x0 = tl.load(row + 2) + pw * bin_w
+    y0 = tl.load(row + _Y0) + ph * bin_h
+    x0 = tl.load(row + _X0) + pw * bin_w
     offset_scale = tl.load(scale)
     dx_doffset = offset_scale * roi_w
     dy_doffset = offset_scale * roi_h
@@ -344,4 +370,4 @@ def deform_psroi_pool_backward(grad_output: Tensor, input: Tensor, rois: Tensor,
 
 
 __all__ = ["deform_roi_pool", "deform_roi_pool_backward", "deform_psroi_pool", "deform_psroi_pool_backward",
-           "RoiPoolSpec"]
+           "RoiPoolSpec", "TABLE_COLUMNS"]

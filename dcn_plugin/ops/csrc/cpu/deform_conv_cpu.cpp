@@ -1,6 +1,8 @@
-// The CPU kernels of dcn_plugin::deform_conv: the driver (deform_conv.cpp) with the sampling
-// sweeps compiled for the best instruction set of this CPU, chosen as ATen chooses its own kernels
-// (at::get_cpu_capability(): the CPU's best, or lower when ATEN_CPU_CAPABILITY says so).
+// CPU registration of dcn_plugin::deform_conv: the driver with the sweeps of the best instruction set, and test hooks.
+//
+// The sweeps are compiled once per instruction set (cpu/sweeps_*.cpp); the one used is chosen as
+// ATen chooses its own kernels (at::get_cpu_capability(): the CPU's best, or lower when
+// ATEN_CPU_CAPABILITY says so).
 #include <ATen/Version.h>
 #include <torch/library.h>
 
@@ -9,7 +11,8 @@
 #include <string>
 #include <vector>
 
-#include "deform_conv.h"
+#include "cpu/deform_conv_driver.h"
+#include "cpu/products.h"
 
 namespace dcn_plugin {
 
@@ -32,12 +35,13 @@ namespace {
 
 // The compiled tables, from the least to the most demanding.
 std::vector<const SamplingKernels*> compiled() {
-  return {&DEFAULT::kernels(),
+  return {
+      &DEFAULT::kernels(),
 #ifdef DCN_PLUGIN_AVX2
-          &AVX2::kernels(),
+      &AVX2::kernels(),
 #endif
 #ifdef DCN_PLUGIN_AVX512
-          &AVX512::kernels(),
+      &AVX512::kernels(),
 #endif
   };
 }
@@ -73,26 +77,29 @@ std::string cpu_isa(std::optional<c10::string_view> isa) {
 }
 
 at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
-                   const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-                   at::IntArrayRef output_padding, int64_t groups) {
-  return deform_conv_forward(*active().load(), input, weight, offset, mask, bias, stride, padding, dilation,
-                             transposed, output_padding, groups);
+                   const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                   int64_t groups) {
+  return deform_conv_forward(*active().load(), input, weight, offset, mask, bias, stride, padding, dilation, transposed,
+                             output_padding, groups);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
-    int64_t groups, std::array<bool, 4> output_mask) {
-  return deform_conv_backward(*active().load(), grad_output, input, weight, offset, mask, stride, padding,
-                              dilation, transposed, output_padding, groups, output_mask);
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
+    std::array<bool, 4> output_mask) {
+  return deform_conv_backward(*active().load(), grad_output, input, weight, offset, mask, stride, padding, dilation,
+                              transposed, output_padding, groups, output_mask);
 }
 
 }  // namespace
 
+// Test hooks: the instruction set of the sweeps, and which oneDNN op float32 products use ("" or a
+// wrong one: at::mm; returns whether it was found).
 TORCH_LIBRARY_FRAGMENT(dcn_plugin, m) {
   m.def("_cpu_isa(str? isa=None) -> str", &cpu_isa);
+  m.def("_use_onednn_linear(str name) -> bool", &use_onednn_linear);
 }
 
 TORCH_LIBRARY_IMPL(dcn_plugin, CPU, m) {

@@ -1,7 +1,9 @@
-// The CPU sampling sweeps of sweep.h, written once for every N and scalar type, and compiled once
-// per instruction set as ATen compiles its kernels: sweeps_{default,avx2,avx512}.cpp define
-// CPU_CAPABILITY (which also selects at::vec's implementation) and setup.py builds each with its
-// -m flags; deform_conv_cpu.cpp picks one at run time from at::get_cpu_capability().
+// The CPU sampling sweeps of sweep.h, written once for every N and scalar type.
+//
+// They are compiled once per instruction set, as ATen compiles its kernels:
+// sweeps_{default,avx2,avx512}.cpp define CPU_CAPABILITY (which also selects at::vec's
+// implementation) and setup.py builds each with its -m flags; deform_conv_cpu.cpp picks one at run
+// time from at::get_cpu_capability().
 //
 // Channels-last and vectorised over channels: for each (grid point, kernel point, offset group)
 // the 2^N corners are located once, and every channel of the group is then sampled with 2^N
@@ -37,13 +39,21 @@ using Vec = at::vec::Vectorized<T>;
 // other lanes load as zero, so they add nothing to the sums).
 struct Full {};
 template <typename T>
-inline Vec<T> load(const T* p, Full) { return Vec<T>::loadu(p); }
+inline Vec<T> load(const T* src, Full) {
+  return Vec<T>::loadu(src);
+}
 template <typename T>
-inline Vec<T> load(const T* p, int64_t lanes) { return Vec<T>::loadu(p, lanes); }
+inline Vec<T> load(const T* src, int64_t lanes) {
+  return Vec<T>::loadu(src, lanes);
+}
 template <typename T>
-inline void store(const Vec<T>& v, T* p, Full) { v.store(p); }
+inline void store(const Vec<T>& v, T* dst, Full) {
+  v.store(dst);
+}
 template <typename T>
-inline void store(const Vec<T>& v, T* p, int64_t lanes) { v.store(p, static_cast<int>(lanes)); }
+inline void store(const Vec<T>& v, T* dst, int64_t lanes) {
+  v.store(dst, static_cast<int>(lanes));
+}
 
 template <typename T, typename F>
 inline void for_each_vector(int64_t channels, F&& f) {
@@ -59,27 +69,31 @@ inline T sum(const Vec<T>& v) {
 }
 
 template <typename T>
-inline Vec<T> lerp(const Vec<T>& a, const Vec<T>& b, const Vec<T>& f) { return at::vec::fmadd(f, b - a, a); }
+inline Vec<T> lerp(const Vec<T>& a, const Vec<T>& b, const Vec<T>& f) {
+  return at::vec::fmadd(f, b - a, a);
+}
 
 // N-linear interpolation of the corner values x at fractions f, as lerps along dim 0, then 1, ...;
 // the slope along d (the derivative by position d) takes the difference instead of the lerp at d.
 template <int N, typename T>
 inline Vec<T> interpolate(const Vec<T>* x, const Vec<T>* f, Vec<T>* slope) {
   constexpr int kCorners = 1 << N;
-  Vec<T> value[kCorners], along[N][kCorners];
-  for (int c = 0; c < kCorners; ++c) {
-    value[c] = x[c];
-    for (int s = 0; s < N; ++s) along[s][c] = x[c];
+  Vec<T> value[kCorners], along[N][kCorners];  // along[e]: the slope along dim e, as it is reduced
+  for (int corner = 0; corner < kCorners; ++corner) {
+    value[corner] = x[corner];
+    for (int e = 0; e < N; ++e) along[e][corner] = x[corner];
   }
   for (int d = 0; d < N; ++d) {
-    for (int j = 0; j < kCorners >> (d + 1); ++j) {
-      value[j] = lerp(value[2 * j], value[2 * j + 1], f[d]);
-      for (int s = 0; s < N; ++s) {
-        along[s][j] = s == d ? along[s][2 * j + 1] - along[s][2 * j] : lerp(along[s][2 * j], along[s][2 * j + 1], f[d]);
+    // Corners 2 * corner and 2 * corner + 1 differ along d only; they become corner `corner`.
+    for (int corner = 0; corner < kCorners >> (d + 1); ++corner) {
+      const int low = 2 * corner, high = 2 * corner + 1;
+      value[corner] = lerp(value[low], value[high], f[d]);
+      for (int e = 0; e < N; ++e) {
+        along[e][corner] = e == d ? along[e][high] - along[e][low] : lerp(along[e][low], along[e][high], f[d]);
       }
     }
   }
-  for (int s = 0; s < N; ++s) slope[s] = along[s][0];
+  for (int e = 0; e < N; ++e) slope[e] = along[e][0];
   return value[0];
 }
 
@@ -98,10 +112,10 @@ struct Grid {
   const Chunk& chunk;
   const int64_t C, K, L, P, per_group, rows;
   const T* image;
-  std::vector<T> kernel_offset;         // (K, N): k * dilation along each dim
-  std::vector<Segment> segments;        // in channel order
-  std::vector<int64_t> first_segment;   // offset group og owns segments [first_segment[og], first_segment[og + 1])
-  std::vector<T> zeros;                 // what corners outside the image read
+  std::vector<T> kernel_offset;        // (K, N): k * dilation along each dim
+  std::vector<Segment> segments;       // in channel order
+  std::vector<int64_t> first_segment;  // offset group og owns segments [first_segment[og], first_segment[og + 1])
+  std::vector<T> zeros;                // what corners outside the image read
 
   Grid(const Chunk& chunk_, bool by_group)
       : g(*chunk_.geometry),
@@ -122,6 +136,8 @@ struct Grid {
         rest /= g.kernel_size[d];
       }
     }
+    // The one split of the channels into groups in C++: a segment ends at every boundary of an offset
+    // group, a mask group and (by_group) a convolution group, so it lies within one of each.
     const int64_t per_offset = C / std::max<int64_t>(g.offset_groups, 1);
     const int64_t per_mask = g.mask_groups > 0 ? C / g.mask_groups : C;
     const int64_t per_split = by_group ? per_group : C;
@@ -158,8 +174,9 @@ struct Grid {
 
   // Where each corner's channels of segment s start: the image point, or zeros outside the image.
   void source_rows(int64_t i, const Corners<N, T>& corners, const Segment& s, const T** out) const {
-    for (int q = 0; q < kCorners; ++q) {
-      out[q] = corners.index[q] >= 0 ? image + (i * P + corners.index[q]) * C + s.c0 : zeros.data() + s.c0;
+    for (int corner = 0; corner < kCorners; ++corner) {
+      out[corner] =
+          corners.index[corner] >= 0 ? image + (i * P + corners.index[corner]) * C + s.c0 : zeros.data() + s.c0;
     }
   }
 
@@ -167,7 +184,9 @@ struct Grid {
   // (C values) outside the image.
   void target_rows(int64_t i, const Corners<N, T>& corners, const Segment& s, T* trash, T** out) const {
     T* target = static_cast<T*>(chunk.grad_image) + (i - chunk.grad_image_first) * P * C + s.c0;
-    for (int q = 0; q < kCorners; ++q) out[q] = corners.index[q] >= 0 ? target + corners.index[q] * C : trash + s.c0;
+    for (int corner = 0; corner < kCorners; ++corner) {
+      out[corner] = corners.index[corner] >= 0 ? target + corners.index[corner] * C : trash + s.c0;
+    }
   }
 
   // Offset of the columns of (row r, kernel point k, segment s) in a group-major column buffer.
@@ -200,8 +219,8 @@ struct Grid {
   void locate(int64_t i, int64_t l, int64_t k, int64_t og, const T* base, Corners<N, T>& corners) const {
     T pos[N];
     const GridTensor& o = chunk.offset;
-    const T* offset =
-        o.data != nullptr ? static_cast<const T*>(o.data) + i * o.image + (og * K + k) * N * o.channel + l * o.point
+    const T* offset = o.data != nullptr
+                          ? static_cast<const T*>(o.data) + i * o.image + (og * K + k) * N * o.channel + l * o.point
                           : nullptr;
     for (int d = 0; d < N; ++d) {
       pos[d] = base[d] + kernel_offset[k * N + d] + (offset != nullptr ? offset[d * o.channel] : T(0));
@@ -219,15 +238,17 @@ template <int N, typename T>
 void im2col(const Grid<N, T>& grid) {
   constexpr int kCorners = Grid<N, T>::kCorners;
   T* columns = static_cast<T*>(grid.chunk.columns);
-  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
+  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& corners, const Segment& s, T m) {
     const T* src[kCorners];
-    grid.source_rows(i, c, s, src);
+    grid.source_rows(i, corners, s, src);
     T w[kCorners];
-    for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
+    for (int corner = 0; corner < kCorners; ++corner) w[corner] = corners.weight[corner] * m;
     T* out = columns + grid.column(r, k, s);
     for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
       Vec<T> v = Vec<T>(w[0]) * load(src[0] + j, lanes);
-      for (int q = 1; q < kCorners; ++q) v = at::vec::fmadd(Vec<T>(w[q]), load(src[q] + j, lanes), v);
+      for (int corner = 1; corner < kCorners; ++corner) {
+        v = at::vec::fmadd(Vec<T>(w[corner]), load(src[corner] + j, lanes), v);
+      }
       store(v, out + j, lanes);
     });
   });
@@ -239,16 +260,16 @@ template <int N, typename T, typename Source>
 void scatter(const Grid<N, T>& grid, Source&& source) {
   constexpr int kCorners = Grid<N, T>::kCorners;
   std::vector<T> trash(grid.C);
-  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
+  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& corners, const Segment& s, T m) {
     T* dst[kCorners];
-    grid.target_rows(i, c, s, trash.data(), dst);
+    grid.target_rows(i, corners, s, trash.data(), dst);
     T w[kCorners];
-    for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
+    for (int corner = 0; corner < kCorners; ++corner) w[corner] = corners.weight[corner] * m;
     const auto vector = source(r, k, s);
     for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
       const Vec<T> gv = vector(j, lanes);
-      for (int q = 0; q < kCorners; ++q) {
-        store(at::vec::fmadd(Vec<T>(w[q]), gv, load(dst[q] + j, lanes)), dst[q] + j, lanes);
+      for (int corner = 0; corner < kCorners; ++corner) {
+        store(at::vec::fmadd(Vec<T>(w[corner]), gv, load(dst[corner] + j, lanes)), dst[corner] + j, lanes);
       }
     });
   });
@@ -268,16 +289,16 @@ void col2im(const Grid<N, T>& grid) {
 // kCoordinates, those dot products (against the value and the slopes) are the sample's mask and
 // offset gradients.
 template <bool kCoordinates, int N, typename T, typename Each>
-C10_ALWAYS_INLINE void interpolate_sample(const Grid<N, T>& grid, int64_t r, int64_t k, const Corners<N, T>& c, const Segment& s,
-                        T m, const T* const* src, Each&& each) {
+C10_ALWAYS_INLINE void interpolate_sample(const Grid<N, T>& grid, int64_t r, int64_t k, const Corners<N, T>& corners,
+                                          const Segment& s, T m, const T* const* src, Each&& each) {
   constexpr int kCorners = Grid<N, T>::kCorners;
   Vec<T> frac[N];
-  for (int d = 0; d < N; ++d) frac[d] = Vec<T>(c.frac[d]);
+  for (int d = 0; d < N; ++d) frac[d] = Vec<T>(corners.frac[d]);
   Vec<T> grad_mask(T(0)), grad_position[N];
   for (int d = 0; d < N; ++d) grad_position[d] = Vec<T>(T(0));
   for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
     Vec<T> x[kCorners], slope[N];
-    for (int q = 0; q < kCorners; ++q) x[q] = load(src[q] + j, lanes);
+    for (int corner = 0; corner < kCorners; ++corner) x[corner] = load(src[corner] + j, lanes);
     const Vec<T> value = interpolate<N, T>(x, frac, slope);
     const Vec<T> gv = each(j, lanes, value);
     if constexpr (kCoordinates) {
@@ -300,22 +321,22 @@ void gradients(const Grid<N, T>& grid) {
   const T* grad_columns = static_cast<const T*>(grid.chunk.grad_columns);
   T* columns = static_cast<T*>(grid.chunk.columns);
   std::vector<T> trash(kCol2im ? grid.C : 0);
-  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
+  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& corners, const Segment& s, T m) {
     const T* src[kCorners];
-    grid.source_rows(i, c, s, src);
+    grid.source_rows(i, corners, s, src);
     T* dst[kCorners];
     T w[kCorners];
     if constexpr (kCol2im) {
-      grid.target_rows(i, c, s, trash.data(), dst);
-      for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
+      grid.target_rows(i, corners, s, trash.data(), dst);
+      for (int corner = 0; corner < kCorners; ++corner) w[corner] = corners.weight[corner] * m;
     }
     const int64_t col = grid.column(r, k, s);
-    interpolate_sample<true>(grid, r, k, c, s, m, src, [&](int64_t j, auto lanes, const Vec<T>& value) {
+    interpolate_sample<true>(grid, r, k, corners, s, m, src, [&](int64_t j, auto lanes, const Vec<T>& value) {
       const Vec<T> gv = load(grad_columns + col + j, lanes);
       if constexpr (kColumns) store(value * Vec<T>(m), columns + col + j, lanes);
       if constexpr (kCol2im) {
-        for (int q = 0; q < kCorners; ++q) {
-          store(at::vec::fmadd(Vec<T>(w[q]), gv, load(dst[q] + j, lanes)), dst[q] + j, lanes);
+        for (int corner = 0; corner < kCorners; ++corner) {
+          store(at::vec::fmadd(Vec<T>(w[corner]), gv, load(dst[corner] + j, lanes)), dst[corner] + j, lanes);
         }
       }
       return gv;
@@ -328,16 +349,18 @@ void depthwise(const Grid<N, T>& grid) {
   constexpr int kCorners = Grid<N, T>::kCorners;
   const T* weight = static_cast<const T*>(grid.chunk.depthwise_weight);
   T* out = static_cast<T*>(grid.chunk.dense_out);
-  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
+  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& corners, const Segment& s, T m) {
     const T* src[kCorners];
-    grid.source_rows(i, c, s, src);
+    grid.source_rows(i, corners, s, src);
     T w[kCorners];
-    for (int q = 0; q < kCorners; ++q) w[q] = c.weight[q] * m;
+    for (int corner = 0; corner < kCorners; ++corner) w[corner] = corners.weight[corner] * m;
     const T* wk = weight + k * grid.C + s.c0;
     T* o = out + r * grid.C + s.c0;
     for_each_vector<T>(s.c1 - s.c0, [&](int64_t j, auto lanes) {
       Vec<T> v = Vec<T>(w[0]) * load(src[0] + j, lanes);
-      for (int q = 1; q < kCorners; ++q) v = at::vec::fmadd(Vec<T>(w[q]), load(src[q] + j, lanes), v);
+      for (int corner = 1; corner < kCorners; ++corner) {
+        v = at::vec::fmadd(Vec<T>(w[corner]), load(src[corner] + j, lanes), v);
+      }
       store(at::vec::fmadd(load(wk + j, lanes), v, load(o + j, lanes)), o + j, lanes);
     });
   });
@@ -362,13 +385,13 @@ void depthwise_gradients(const Grid<N, T>& grid) {
   const T* weight = static_cast<const T*>(grid.chunk.depthwise_weight);
   const T* dense = static_cast<const T*>(grid.chunk.dense);
   T* grad_weight = static_cast<T*>(grid.chunk.grad_depthwise_weight);
-  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& c, const Segment& s, T m) {
+  grid.for_each_sample([&](int64_t r, int64_t i, int64_t k, const Corners<N, T>& corners, const Segment& s, T m) {
     const T* src[kCorners];
-    grid.source_rows(i, c, s, src);
+    grid.source_rows(i, corners, s, src);
     const T* wk = weight + k * grid.C + s.c0;
     const T* dr = dense + r * grid.C + s.c0;
     T* gw = grad_weight + k * grid.C + s.c0;
-    interpolate_sample<kCoordinates>(grid, r, k, c, s, m, src, [&](int64_t j, auto lanes, const Vec<T>& value) {
+    interpolate_sample<kCoordinates>(grid, r, k, corners, s, m, src, [&](int64_t j, auto lanes, const Vec<T>& value) {
       const Vec<T> dv = load(dr + j, lanes);
       store(at::vec::fmadd(dv, value * Vec<T>(m), load(gw + j, lanes)), gw + j, lanes);
       if constexpr (kCoordinates) return load(wk + j, lanes) * dv;
@@ -379,23 +402,19 @@ void depthwise_gradients(const Grid<N, T>& grid) {
 
 template <int N, typename T>
 void run(const Chunk& chunk, Sweep sweep) {
-  const bool column_sweep = sweep.kind == Sweep::kIm2col || sweep.kind == Sweep::kCol2im ||
-                            sweep.kind == Sweep::kGradients;
+  const bool column_sweep =
+      sweep.kind == Sweep::kIm2col || sweep.kind == Sweep::kCol2im || sweep.kind == Sweep::kGradients;
   const Grid<N, T> grid(chunk, column_sweep);
   switch (sweep.kind) {
-    case Sweep::kIm2col:
-      return im2col(grid);
-    case Sweep::kCol2im:
-      return col2im(grid);
+    case Sweep::kIm2col: return im2col(grid);
+    case Sweep::kCol2im: return col2im(grid);
     case Sweep::kGradients:
       if (sweep.with_columns && sweep.with_col2im) return gradients<N, T, true, true>(grid);
       if (sweep.with_columns) return gradients<N, T, true, false>(grid);
       if (sweep.with_col2im) return gradients<N, T, false, true>(grid);
       return gradients<N, T, false, false>(grid);
-    case Sweep::kDepthwise:
-      return depthwise(grid);
-    case Sweep::kDepthwiseCol2im:
-      return depthwise_col2im(grid);
+    case Sweep::kDepthwise: return depthwise(grid);
+    case Sweep::kDepthwiseCol2im: return depthwise_col2im(grid);
     case Sweep::kDepthwiseGradients:
       return sweep.with_coordinates ? depthwise_gradients<N, T, true>(grid) : depthwise_gradients<N, T, false>(grid);
   }
@@ -434,11 +453,12 @@ void transpose_matrices(const T* src, T* dst, int64_t batch, int64_t rows, int64
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kBlock * cols));
   at::parallel_for(0, batch * row_blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / row_blocks, i = task % row_blocks * kBlock;
-      const int m = static_cast<int>(std::min(kBlock, rows - i));
-      for (int64_t j = 0; j < cols; j += kBlock) {
-        const int n = static_cast<int>(std::min(kBlock, cols - j));
-        transpose_block(src + (b * rows + i) * cols + j, cols, dst + (b * cols + j) * rows + i, rows, m, n);
+      const int64_t b = task / row_blocks, row = task % row_blocks * kBlock;
+      const int block_rows = static_cast<int>(std::min(kBlock, rows - row));
+      for (int64_t col = 0; col < cols; col += kBlock) {
+        const int block_cols = static_cast<int>(std::min(kBlock, cols - col));
+        transpose_block(src + (b * rows + row) * cols + col, cols, dst + (b * cols + col) * rows + row, rows,
+                        block_rows, block_cols);
       }
     }
   });

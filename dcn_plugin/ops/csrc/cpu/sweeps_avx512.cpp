@@ -1,5 +1,4 @@
-// The sampling sweeps for AVX-512 CPUs; setup.py builds this file with -mavx512f -mavx512bw
-// -mavx512vl -mavx512dq -mfma, as ATen builds its AVX512 kernels.
+// The sampling sweeps for AVX-512 CPUs; setup.py builds this file with ATen's AVX512 flags (-mavx512f ...).
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #include "cpu/sweeps.h"
