@@ -1,5 +1,7 @@
-// CPU kernel of dcn_plugin::nms: boxes in decreasing score order, each kept unless a kept box
-// above it overlaps it with IoU above the threshold.
+// CPU kernel of dcn_plugin::nms.
+//
+// Boxes in decreasing score order (ties: the earlier box first), each kept unless a kept box above
+// it overlaps it with IoU above the threshold.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -49,8 +51,7 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0), "nms: scores must have shape (N,) = (",
               boxes.size(0), ",), got ", scores.sizes());
   TORCH_CHECK(at::isFloatingType(boxes.scalar_type()) && at::isFloatingType(scores.scalar_type()),
-              "nms: boxes and scores must be floating-point, got ", boxes.scalar_type(), " and ",
-              scores.scalar_type());
+              "nms: boxes and scores must be floating-point, got ", boxes.scalar_type(), " and ", scores.scalar_type());
   if (boxes.size(0) == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   const at::Tensor order = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).contiguous();
   const at::Tensor contiguous = boxes.contiguous();
