@@ -42,7 +42,8 @@ model = dict(
             feat_channels=256,
             num_classes=6,  # the bundled dataset's CLASSES
             group_size=7,
-            sample_per_part=4,
+            # 2x2 samples per bin (Deformable ConvNets: 4x4 on maps twice as coarse relative to the objects).
+            sample_per_part=2,
             spatial_scale=1 / 8,
             trans_std=0.1,
             no_trans=True,  # plain position-sensitive RoI pooling; the _dpsroi configs turn it off
