@@ -120,10 +120,11 @@ class DeltaXYWHBBoxCoder:
     def encode(self, boxes: Tensor, gt_boxes: Tensor) -> Tensor:
         """``(N, 4)`` deltas that turn ``boxes`` into ``gt_boxes`` (both ``(N, 4)``)."""
         boxes, gt_boxes = boxes.float(), gt_boxes.float()
+        # Centres as mmdet's (x1 + x2) / 2, not x1 + w / 2: the same float32 rounding.
         pw, ph = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        px, py = boxes[:, 0] + 0.5 * pw, boxes[:, 1] + 0.5 * ph
+        px, py = (boxes[:, 0] + boxes[:, 2]) * 0.5, (boxes[:, 1] + boxes[:, 3]) * 0.5
         gw, gh = gt_boxes[:, 2] - gt_boxes[:, 0], gt_boxes[:, 3] - gt_boxes[:, 1]
-        gx, gy = gt_boxes[:, 0] + 0.5 * gw, gt_boxes[:, 1] + 0.5 * gh
+        gx, gy = (gt_boxes[:, 0] + gt_boxes[:, 2]) * 0.5, (gt_boxes[:, 1] + gt_boxes[:, 3]) * 0.5
         deltas = torch.stack([(gx - px) / pw, (gy - py) / ph, (gw / pw).log(), (gh / ph).log()], -1)
         return (deltas - deltas.new_tensor(self.means)) / deltas.new_tensor(self.stds)
 
@@ -135,7 +136,7 @@ class DeltaXYWHBBoxCoder:
         dw = deltas[..., 2].clamp(-max_ratio, max_ratio)
         dh = deltas[..., 3].clamp(-max_ratio, max_ratio)
         pw, ph = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-        px, py = boxes[..., 0] + 0.5 * pw, boxes[..., 1] + 0.5 * ph
+        px, py = (boxes[..., 0] + boxes[..., 2]) * 0.5, (boxes[..., 1] + boxes[..., 3]) * 0.5
         gx, gy = px + pw * deltas[..., 0], py + ph * deltas[..., 1]
         gw, gh = pw * dw.exp(), ph * dh.exp()
         x1, y1, x2, y2 = gx - 0.5 * gw, gy - 0.5 * gh, gx + 0.5 * gw, gy + 0.5 * gh
