@@ -239,14 +239,20 @@ class SamplingResult:
 
     @property
     def avg_factor(self) -> int:
-        return len(self.pos_inds) + len(self.neg_inds)
+        """What a sampled loss divides by: positives plus negatives, each counted as at least one
+        (mmdet's), so that an image without positives still weighs in."""
+        return max(len(self.pos_inds), 1) + max(len(self.neg_inds), 1)
 
 
 @TASK_UTILS.register_module()
 class RandomSampler:
     """mmdet's ``RandomSampler``: up to ``num * pos_fraction`` positives at random, negatives to fill
     ``num`` (at most ``neg_pos_ub`` per positive when that is >= 0). ``add_gt_as_proposals`` puts the
-    ground truth boxes among the priors first. Draws with torch's global generator."""
+    ground truth boxes among the priors first. The chosen indices come sorted, as mmdet's.
+
+    Draws as mmdet's do: ``torch.randperm`` on the CPU generator, positives then negatives, and only
+    where there are more candidates than places; so with the same seed both choose the same priors.
+    """
 
     def __init__(self, num: int, pos_fraction: float, neg_pos_ub: int = -1, add_gt_as_proposals: bool = True):
         self.num = num
@@ -258,7 +264,7 @@ class RandomSampler:
     def _choose(indices: Tensor, count: int) -> Tensor:
         if len(indices) <= count:
             return indices
-        return indices[torch.randperm(len(indices), device=indices.device)[:count]]
+        return indices[torch.randperm(len(indices))[:count].to(indices.device)].sort().values
 
     def sample(self, assign: AssignResult, priors: Tensor, gt_bboxes: Tensor, gt_labels: Tensor) -> SamplingResult:
         priors = priors[:, :4]
