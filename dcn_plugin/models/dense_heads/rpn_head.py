@@ -164,33 +164,38 @@ class RPNHead(BaseModule):
                         cfg: dict | None = None) -> list[InstanceData]:
         """Per image: ``InstanceData(bboxes (P, 4), scores (P,), labels (P,) zeros)``, best first.
 
-        Per level the ``nms_pre`` best anchors are decoded (clipped to ``img_shape``); boxes not
-        wider and taller than ``min_bbox_size`` are dropped; NMS runs within each level; the
-        ``max_per_img`` best are kept.
+        Per level the ``nms_pre`` best anchors (equal scores: the earlier anchor first; mmdet's
+        unstable sort leaves them in an order of torch's choosing) are decoded (clipped to
+        ``img_shape``); where ``min_bbox_size >= 0`` (as mmdet's) boxes not wider and taller than
+        it are dropped; NMS runs within each level; the ``max_per_img`` best are kept. Computes
+        in the scores' dtype, float32 at least.
         """
         cfg = cfg if cfg is not None else self.test_cfg
-        anchors = self.anchor_generator.grid_priors([tuple(s.shape[-2:]) for s in cls_scores],
+        dtype = torch.promote_types(cls_scores[0].dtype, torch.float32)
+        anchors = self.anchor_generator.grid_priors([tuple(s.shape[-2:]) for s in cls_scores], dtype=dtype,
                                                     device=cls_scores[0].device)
         nms_pre, max_per_img = cfg.get("nms_pre", -1), cfg.get("max_per_img", -1)
         iou_threshold = cfg.get("nms", {}).get("iou_threshold", 0.7)
-        min_size = cfg.get("min_bbox_size", 0)
+        min_size = cfg.get("min_bbox_size", -1)
         proposals = []
         for image, meta in enumerate(metainfos):
             boxes, scores, levels = [], [], []
             for level, (score_map, delta_map, level_anchors) in enumerate(zip(cls_scores, bbox_preds, anchors,
                                                                              strict=True)):
-                score = score_map[image].permute(1, 2, 0).reshape(-1).float().sigmoid()
-                delta = delta_map[image].permute(1, 2, 0).reshape(-1, 4).float()
+                score = score_map[image].permute(1, 2, 0).reshape(-1).to(dtype).sigmoid()
+                delta = delta_map[image].permute(1, 2, 0).reshape(-1, 4).to(dtype)
                 if 0 < nms_pre < len(score):
-                    score, keep = score.topk(nms_pre)
+                    score, keep = score.sort(descending=True, stable=True)
+                    score, keep = score[:nms_pre], keep[:nms_pre]
                     delta, level_anchors = delta[keep], level_anchors[keep]
                 boxes.append(self.bbox_coder.decode(level_anchors, delta, max_shape=meta.get("img_shape")))
                 scores.append(score)
                 levels.append(torch.full_like(score, level, dtype=torch.long))
             boxes, scores, levels = torch.cat(boxes), torch.cat(scores), torch.cat(levels)
-            width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-            kept = (width > min_size) & (height > min_size)
-            boxes, scores, levels = boxes[kept], scores[kept], levels[kept]
+            if min_size >= 0:
+                width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+                kept = (width > min_size) & (height > min_size)
+                boxes, scores, levels = boxes[kept], scores[kept], levels[kept]
             dets, keep = batched_nms(boxes, scores, levels, iou_threshold, max_per_img)
             proposals.append(InstanceData(bboxes=dets[:, :4], scores=dets[:, 4],
                                           labels=levels.new_zeros(len(keep))))
