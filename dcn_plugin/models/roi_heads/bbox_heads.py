@@ -106,7 +106,8 @@ class BBoxHead(BaseModule):
             boxes = self.bbox_coder.decode(image_rois[:, None, 1:].expand(num, self.num_classes, 4), deltas,
                                            max_shape=meta.get("img_shape"))
             if rescale and "scale_factor" in meta:
-                boxes = boxes / boxes.new_tensor(meta["scale_factor"][:2]).repeat(2)
+                # Times the reciprocal, as mmdet's scale_boxes (a division rounds differently).
+                boxes = boxes * boxes.new_tensor([1 / s for s in meta["scale_factor"][:2]]).repeat(2)
             scores = scores[:, :self.num_classes]
             labels = torch.arange(self.num_classes, device=scores.device).expand(num, -1)
             valid = scores > test_cfg.get("score_thr", 0.05)
