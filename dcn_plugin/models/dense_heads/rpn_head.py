@@ -33,7 +33,9 @@ class RPNHead(BaseModule):
         anchor_generator / bbox_coder: ``TASK_UTILS`` configs (``AnchorGenerator``,
             ``DeltaXYWHBBoxCoder``).
         loss_cls / loss_bbox: binary cross-entropy and L1 by default, as mmdet.
-        train_cfg: ``assigner``, ``sampler`` (``TASK_UTILS`` configs).
+        train_cfg: ``assigner``, ``sampler`` (``TASK_UTILS`` configs); as mmdet's, ``allowed_border``
+            (>= 0: only anchors within the image by that margin are trained; default -1: all in
+            ``pad_shape``) and ``pos_weight`` (> 0: the positives' classification weight).
         test_cfg: ``nms_pre`` (per level), ``nms=dict(iou_threshold=...)``, ``max_per_img``,
             ``min_bbox_size``; the detector passes its ``rpn_proposal`` config in training.
     """
@@ -113,7 +115,7 @@ class RPNHead(BaseModule):
     def loss_by_feat(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], data_samples: list) -> dict:
         anchors, valid = self._anchors(cls_scores, [s.metainfo for s in data_samples])
         labels, label_weights, targets, target_weights, avg_factor = self.get_targets(
-            anchors, valid, [s.gt_instances for s in data_samples])
+            anchors, valid, [s.gt_instances for s in data_samples], [s.metainfo for s in data_samples])
         scores = self._flatten(cls_scores, 1).reshape(-1)
         deltas = self._flatten(bbox_preds, 4).reshape(-1, 4)
         loss_cls = self.loss_cls(scores.float(), (labels == 0).float(), label_weights, avg_factor=avg_factor)
@@ -121,14 +123,22 @@ class RPNHead(BaseModule):
         return dict(loss_rpn_cls=loss_cls, loss_rpn_bbox=loss_bbox)
 
     @torch.no_grad()
-    def get_targets(self, anchors: Tensor, valid: Tensor, gt_instances: list[InstanceData]):
+    def get_targets(self, anchors: Tensor, valid: Tensor, gt_instances: list[InstanceData],
+                    metainfos: list[dict]):
         """Targets of every anchor of every image, flattened (B * N): labels (0 object, 1 background),
         label weights (1 where sampled), delta targets (B * N, 4) and weights, and the number of
         sampled anchors (the losses' ``avg_factor``)."""
         if self.train_cfg is None:
             raise RuntimeError("RPNHead: training needs train_cfg with an assigner and a sampler")
         labels, label_weights, targets, target_weights, sampled = [], [], [], [], 0
-        for image_valid, gt in zip(valid, gt_instances, strict=True):
+        allowed_border = self.train_cfg.get("allowed_border", -1)
+        pos_weight = self.train_cfg.get("pos_weight", -1)
+        for image_valid, gt, meta in zip(valid, gt_instances, metainfos, strict=True):
+            if allowed_border >= 0:
+                height, width = meta["img_shape"][:2]
+                image_valid = (image_valid & (anchors[:, 0] >= -allowed_border)
+                               & (anchors[:, 1] >= -allowed_border) & (anchors[:, 2] < width + allowed_border)
+                               & (anchors[:, 3] < height + allowed_border))
             inside = image_valid.nonzero().flatten()
             gt_boxes = gt.bboxes.to(anchors)
             assign = self.assigner.assign(anchors[inside], gt_boxes, gt.labels)
@@ -139,8 +149,8 @@ class RPNHead(BaseModule):
             image_target_weights = anchors.new_zeros(len(anchors), 4)
             pos, neg = inside[sample.pos_inds], inside[sample.neg_inds]
             image_labels[pos] = 0
-            image_weights[pos] = 1.0
             image_weights[neg] = 1.0
+            image_weights[pos] = pos_weight if pos_weight > 0 else 1.0
             if len(pos):
                 image_targets[pos] = self.bbox_coder.encode(sample.pos_priors, sample.pos_gt_bboxes)
                 image_target_weights[pos] = 1.0

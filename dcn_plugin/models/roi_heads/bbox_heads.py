@@ -54,28 +54,33 @@ class BBoxHead(BaseModule):
         return 4 if self.reg_class_agnostic else 4 * self.num_classes
 
     @torch.no_grad()
-    def get_targets(self, sampling_results: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def get_targets(self, sampling_results: list,
+                    pos_weight: float = -1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For the sampled RoIs of all images (positives then negatives, image by image): labels
-        (R,) (``num_classes`` for background), label weights (R,), delta targets (R, 4), weights."""
-        labels, targets, weights = [], [], []
+        (R,) (``num_classes`` for background), label weights (R,) (``pos_weight`` for positives
+        where it is > 0, else 1), delta targets (R, 4), weights."""
+        labels, label_weights, targets, weights = [], [], [], []
         for result in sampling_results:
             num_pos, num_neg = len(result.pos_priors), len(result.neg_priors)
             image_labels = result.pos_priors.new_full((num_pos + num_neg,), self.num_classes, dtype=torch.long)
             image_labels[:num_pos] = result.pos_gt_labels
+            image_label_weights = result.pos_priors.new_ones(num_pos + num_neg)
+            image_label_weights[:num_pos] = pos_weight if pos_weight > 0 else 1.0
             image_targets = result.pos_priors.new_zeros(num_pos + num_neg, 4)
             image_weights = result.pos_priors.new_zeros(num_pos + num_neg, 4)
             if num_pos:
                 image_targets[:num_pos] = self.bbox_coder.encode(result.pos_priors, result.pos_gt_bboxes)
                 image_weights[:num_pos] = 1.0
             labels.append(image_labels)
+            label_weights.append(image_label_weights)
             targets.append(image_targets)
             weights.append(image_weights)
-        labels = torch.cat(labels)
-        return labels, torch.ones_like(labels, dtype=torch.float32), torch.cat(targets), torch.cat(weights)
+        return torch.cat(labels), torch.cat(label_weights), torch.cat(targets), torch.cat(weights)
 
-    def loss_and_target(self, cls_score: Tensor, bbox_pred: Tensor, sampling_results: list) -> dict[str, Tensor]:
+    def loss_and_target(self, cls_score: Tensor, bbox_pred: Tensor, sampling_results: list,
+                        pos_weight: float = -1) -> dict[str, Tensor]:
         """``loss_cls``, ``loss_bbox`` and ``acc`` (percent of sampled RoIs classified right)."""
-        labels, label_weights, targets, target_weights = self.get_targets(sampling_results)
+        labels, label_weights, targets, target_weights = self.get_targets(sampling_results, pos_weight)
         avg_factor = max(float((label_weights > 0).sum()), 1.0)
         loss_cls = self.loss_cls(cls_score.float(), labels, label_weights, avg_factor=avg_factor)
         pos = (labels < self.num_classes).nonzero().flatten()

@@ -31,7 +31,8 @@ class StandardRoIHead(BaseModule):
         bbox_roi_extractor: e.g. ``SingleRoIExtractor`` with ``roi_layer=dict(type='RoIAlign' |
             'DeformRoIPoolPack' | 'ModulatedDeformRoIPoolPack', ...)``.
         bbox_head: e.g. ``Shared2FCBBoxHead``.
-        train_cfg: ``assigner`` and ``sampler`` (``TASK_UTILS`` configs) for the proposals.
+        train_cfg: ``assigner`` and ``sampler`` (``TASK_UTILS`` configs) for the proposals;
+            ``pos_weight`` (> 0: the positives' classification weight), as mmdet's.
         test_cfg: ``score_thr``, ``nms=dict(iou_threshold=...)``, ``max_per_img``.
     """
 
@@ -68,7 +69,8 @@ class StandardRoIHead(BaseModule):
             sampling_results.append(self.sampler.sample(assign, boxes, gt_boxes, gt.labels))
         rois = bbox2roi([result.priors for result in sampling_results])
         cls_score, bbox_pred = self._bbox_forward(feats, rois)
-        return self.bbox_head.loss_and_target(cls_score, bbox_pred, sampling_results)
+        return self.bbox_head.loss_and_target(cls_score, bbox_pred, sampling_results,
+                                              self.train_cfg.get("pos_weight", -1))
 
     def predict(self, feats: tuple[Tensor, ...], proposals: list[InstanceData], data_samples: list,
                 rescale: bool = True) -> list[InstanceData]:
