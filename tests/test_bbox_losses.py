@@ -130,8 +130,8 @@ def test_iou_losses():
 
 def test_softmax_cross_entropy_l1_smooth_l1():
     logits, labels = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]]), torch.tensor([0, 1])
-    by_hand = [-(2.0 - torch.tensor([2.0, 0.5, -1.0]).exp().sum().log()), -(0.0 - torch.tensor([0.0, 0.0, 3.0])
-                                                                          .exp().sum().log())]
+    by_hand = [-(2.0 - torch.tensor([2.0, 0.5, -1.0]).exp().sum().log()),
+               -(0.0 - torch.tensor([0.0, 0.0, 3.0]).exp().sum().log())]
     weight = torch.tensor([1.0, 0.5])
     expected = (by_hand[0] * 1.0 + by_hand[1] * 0.5) / 4.0
     assert CrossEntropyLoss()(logits, labels, weight, avg_factor=4.0).item() == pytest.approx(expected.item(),

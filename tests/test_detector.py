@@ -140,7 +140,8 @@ def test_every_config_builds():
         model = MODELS.build(cfg.model)  # builds; pretrained weights are only loaded by init_weights
         name = osp.basename(path)
         # Names say what is deformable: "dcn"/"dconv" the convolutions, "dpool"/"dpsroi" the RoI pooling.
-        assert ("dcn" in name or "dconv" in name) == any(isinstance(m, DEFORMABLE) for m in model.modules()), path
+        deformable_conv = any(isinstance(m, DEFORMABLE) for m in model.modules())
+        assert ("dcn" in name or "dconv" in name) == deformable_conv, path
         roi_layers = [m for m in model.modules() if isinstance(m, (DeformRoIPoolPack, PSRoIBBoxHead))]
         deformable_pooling = any(not getattr(m, "no_trans", False) for m in roi_layers)
         assert ("dpool" in name or "dpsroi" in name) == deformable_pooling, path

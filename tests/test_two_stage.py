@@ -24,7 +24,7 @@ from dcn_plugin.models.task_modules import (  # noqa: E402
     MaxIoUAssigner,
     RandomSampler,
 )
-from dcn_plugin.ops import DeformRoIPoolPack, ModulatedDeformRoIPoolPack, deform_roi_pool, nms  # noqa: E402
+from dcn_plugin.ops import DeformRoIPoolPack, ModulatedDeformRoIPoolPack, nms  # noqa: E402
 from dcn_plugin.registry import MODELS  # noqa: E402
 from dcn_plugin.structures import DetDataSample, InstanceData  # noqa: E402
 
@@ -158,14 +158,16 @@ def test_nms_edge_cases_and_errors():
 
 def _feats_and_rois(seed=0):
     g = torch.Generator().manual_seed(seed)
-    feats = tuple(torch.randn(2, 8, 32 // 2**i, 32 // 2**i, generator=g, dtype=torch.float64) for i in range(3))
+    feats = tuple(torch.randn(2, 8, 32 // 2**i, 32 // 2**i, generator=g, dtype=torch.float64)
+                  for i in range(3))
     rois = torch.tensor([[0, 4.0, 4.0, 20.0, 20.0], [1, 10.0, 2.0, 90.0, 70.0], [0, 30.0, 40.0, 150.0, 200.0],
                          [1, 0.0, 0.0, 40.0, 40.0]], dtype=torch.float64)
     return feats, rois
 
 
-@pytest.mark.parametrize("layer", ["RoIAlign", "mmcv.RoIAlign", "DeformRoIPoolPack", "dcn_plugin.DeformRoIPoolPack",
-                                   "ModulatedDeformRoIPoolPack", DeformRoIPoolPack, ModulatedDeformRoIPoolPack])
+@pytest.mark.parametrize("layer", ["RoIAlign", "mmcv.RoIAlign", "DeformRoIPoolPack",
+                                   "dcn_plugin.DeformRoIPoolPack", "ModulatedDeformRoIPoolPack",
+                                   DeformRoIPoolPack, ModulatedDeformRoIPoolPack])
 def test_every_roi_layer_builds_from_config(layer):
     extra = {} if "RoIAlign" in str(layer) else dict(output_channels=8, deform_fc_channels=16)
     extractor = SingleRoIExtractor(dict(type=layer, output_size=7, sampling_ratio=2, **extra), 8, [4, 8, 16])
@@ -177,7 +179,8 @@ def test_every_roi_layer_builds_from_config(layer):
     # At initialisation the deformable layers have zero offsets: RoIAlign, halved by the mask for
     # the modulated one; and RoIAlign is the reference pooling without offsets.
     levels = extractor.map_roi_levels(rois)
-    expected = torch.stack([deform_roi_pool_reference(feats[lvl], rois[i:i + 1], None, (7, 7), 1 / 4 / 2**lvl, 2)[0]
+    expected = torch.stack([deform_roi_pool_reference(feats[lvl], rois[i:i + 1], None, (7, 7),
+                                                      1 / 4 / 2**lvl, 2)[0]
                             for i, lvl in enumerate(levels.tolist())])
     scale = 0.5 if "Modulated" in str(layer) else 1.0
     torch.testing.assert_close(out, expected * scale)
@@ -217,8 +220,8 @@ def test_deformable_rfcn_starts_as_plain_rfcn_and_learns_offsets():
     torch.manual_seed(0)
     plain = PSRoIBBoxHead(in_channels=8, num_classes=3, feat_channels=8, group_size=3, spatial_scale=1 / 4,
                           no_trans=True)
-    deformable = PSRoIBBoxHead(in_channels=8, num_classes=3, feat_channels=8, group_size=3, spatial_scale=1 / 4,
-                               no_trans=False)
+    deformable = PSRoIBBoxHead(in_channels=8, num_classes=3, feat_channels=8, group_size=3,
+                               spatial_scale=1 / 4, no_trans=False)
     deformable.init_weights()
     deformable.load_state_dict(plain.state_dict(), strict=False)
     assert deformable.conv_cls_offset.weight.abs().sum() == 0
@@ -239,7 +242,8 @@ def _batch(num_images=2, size=128, seed=0):
         inputs.append(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g))
         s = DetDataSample(metainfo=dict(img_id=i, img_shape=(size, size), ori_shape=(size, size),
                                         scale_factor=(1.0, 1.0)))
-        s.gt_instances = InstanceData(bboxes=torch.tensor([[8.0, 10.0, 40.0, 50.0], [50.0, 20.0, 120.0, 80.0]]),
+        boxes = torch.tensor([[8.0, 10.0, 40.0, 50.0], [50.0, 20.0, 120.0, 80.0]])
+        s.gt_instances = InstanceData(bboxes=boxes,
                                       labels=torch.tensor([i % 6, 3]))
         samples.append(s)
     return dict(inputs=inputs, data_samples=samples)
@@ -265,7 +269,8 @@ def test_quickstart_two_stage_configs_build_predict_every_class_and_run(config):
         results = model(**model.data_preprocessor(_batch(), training=False), mode="predict")
     for sample in results:
         found = sample.pred_instances
-        assert found.bboxes.shape[1:] == (4,) and len(found.bboxes) == len(found.scores) == len(found.labels) <= 100
+        assert found.bboxes.shape[1:] == (4,)
+        assert len(found.bboxes) == len(found.scores) == len(found.labels) <= 100
         assert ((found.labels >= 0) & (found.labels < 6)).all() and (found.scores > 0.05).all()
         assert (found.scores[:-1] >= found.scores[1:]).all()
 
@@ -310,8 +315,8 @@ def test_roi_head_targets_and_losses_on_a_tiny_batch():
     feats = model.extract_feat(data["inputs"])
     gts = [s.gt_instances for s in data["data_samples"]]
     # Proposals: the ground truth boxes shifted a little (positives) and far boxes (negatives).
-    proposals = [InstanceData(bboxes=torch.cat([gt.bboxes + 2.0, torch.tensor([[100.0, 100.0, 127.0, 127.0]])]))
-                 for gt in gts]
+    far = torch.tensor([[100.0, 100.0, 127.0, 127.0]])
+    proposals = [InstanceData(bboxes=torch.cat([gt.bboxes + 2.0, far])) for gt in gts]
     losses = head.loss(feats, proposals, data["data_samples"])
     assert set(losses) == {"loss_cls", "loss_bbox", "acc"}
     # Untrained, the head scores every class near uniformly: cross-entropy about log(7).

@@ -1,4 +1,5 @@
-# Quick start, Faster R-CNN with RoIAlign: python tools/train.py configs/quickstart/faster-rcnn_r18_fpn_shapes.py
+# Quick start, Faster R-CNN with RoIAlign:
+#   python tools/train.py configs/quickstart/faster-rcnn_r18_fpn_shapes.py
 _base_ = [
     "../_base_/models/faster-rcnn_r18_fpn_shapes.py",
     "../_base_/datasets/shapes_detection.py",

@@ -1,4 +1,5 @@
-# Quick start, R-FCN with position-sensitive RoI pooling: python tools/train.py configs/quickstart/rfcn_r18_shapes.py
+# Quick start, R-FCN with position-sensitive RoI pooling:
+#   python tools/train.py configs/quickstart/rfcn_r18_shapes.py
 _base_ = [
     "../_base_/models/rfcn_r18_shapes.py",
     "../_base_/datasets/shapes_detection.py",

@@ -52,7 +52,8 @@ class AnchorGenerator:
         self.strides = [int(s) if not isinstance(s, (tuple, list)) else int(s[0]) for s in strides]
         self.base_sizes = list(base_sizes) if base_sizes is not None else list(self.strides)
         if len(self.base_sizes) != len(self.strides):
-            raise ValueError(f"AnchorGenerator: {len(self.base_sizes)} base_sizes for {len(self.strides)} strides")
+            raise ValueError(f"AnchorGenerator: {len(self.base_sizes)} base_sizes for "
+                             f"{len(self.strides)} strides")
         self.ratios = torch.tensor(ratios, dtype=torch.float32)
         self.scales = torch.tensor(scales, dtype=torch.float32)
         self.scale_major = scale_major
@@ -80,7 +81,8 @@ class AnchorGenerator:
             hs = (base_size * self.scales[:, None] * h_ratios[None, :]).reshape(-1)
         return torch.stack([center - 0.5 * ws, center - 0.5 * hs, center + 0.5 * ws, center + 0.5 * hs], -1)
 
-    def grid_priors(self, sizes: Sequence[tuple[int, int]], dtype=torch.float32, device="cpu") -> list[Tensor]:
+    def grid_priors(self, sizes: Sequence[tuple[int, int]], dtype=torch.float32,
+                    device="cpu") -> list[Tensor]:
         """Per level ``(H * W * A, 4)``: cells row-major, the ``A`` base anchors within a cell."""
         if len(sizes) != self.num_levels:
             raise ValueError(f"AnchorGenerator: {len(sizes)} feature levels for {self.num_levels} strides")
@@ -93,11 +95,13 @@ class AnchorGenerator:
             priors.append((shifts + base.to(device=device, dtype=dtype)[None]).reshape(-1, 4))
         return priors
 
-    def valid_flags(self, sizes: Sequence[tuple[int, int]], pad_shape: tuple[int, int], device="cpu") -> list[Tensor]:
+    def valid_flags(self, sizes: Sequence[tuple[int, int]], pad_shape: tuple[int, int],
+                    device="cpu") -> list[Tensor]:
         """Per level ``(H * W * A,)``: whether the anchor's cell lies inside the padded image."""
         flags = []
         for (h, w), stride, count in zip(sizes, self.strides, self.num_base_priors, strict=True):
-            valid_h, valid_w = min(math.ceil(pad_shape[0] / stride), h), min(math.ceil(pad_shape[1] / stride), w)
+            valid_h = min(math.ceil(pad_shape[0] / stride), h)
+            valid_w = min(math.ceil(pad_shape[1] / stride), w)
             valid = torch.zeros(h, w, dtype=torch.bool, device=device)
             valid[:valid_h, :valid_w] = True
             flags.append(valid.reshape(-1, 1).expand(-1, count).reshape(-1))
@@ -195,7 +199,8 @@ class MaxIoUAssigner:
         num_gts, num_priors = len(gt_bboxes), len(priors)
         if num_gts == 0 or num_priors == 0:
             return AssignResult(num_gts, priors.new_zeros(num_priors, dtype=torch.long),
-                                priors.new_zeros(num_priors), priors.new_full((num_priors,), -1, dtype=torch.long))
+                                priors.new_zeros(num_priors), priors.new_full((num_priors,), -1,
+                                                                              dtype=torch.long))
         overlaps = bbox_overlaps(gt_bboxes.float(), priors.float())  # (G, N)
         max_overlaps, best_gt = overlaps.max(0)
         gt_max_overlaps, _ = overlaps.max(1)
@@ -266,7 +271,8 @@ class RandomSampler:
             return indices
         return indices[torch.randperm(len(indices))[:count].to(indices.device)].sort().values
 
-    def sample(self, assign: AssignResult, priors: Tensor, gt_bboxes: Tensor, gt_labels: Tensor) -> SamplingResult:
+    def sample(self, assign: AssignResult, priors: Tensor, gt_bboxes: Tensor,
+               gt_labels: Tensor) -> SamplingResult:
         priors = priors[:, :4]
         is_gt = priors.new_zeros(len(priors), dtype=torch.bool)
         if self.add_gt_as_proposals and len(gt_bboxes) > 0:
@@ -280,4 +286,5 @@ class RandomSampler:
         neg = self._choose(torch.nonzero(assign.gt_inds == 0).flatten(), num_neg)
         assigned = assign.gt_inds[pos] - 1
         pos_gt = gt_bboxes.to(priors)[assigned] if len(gt_bboxes) else priors.new_zeros((0, 4))
-        return SamplingResult(pos, neg, priors[pos], priors[neg], pos_gt, assign.labels[pos], assigned, is_gt[pos])
+        return SamplingResult(pos, neg, priors[pos], priors[neg], pos_gt, assign.labels[pos], assigned,
+                              is_gt[pos])

@@ -26,7 +26,8 @@ model = dict(
         in_channels=64,
         feat_channels=64,
         # Objects of the bundled data are 12-140 pixels: anchors of 16-128.
-        anchor_generator=dict(type="AnchorGenerator", scales=[2, 4], ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32]),
+        anchor_generator=dict(type="AnchorGenerator", scales=[2, 4], ratios=[0.5, 1.0, 2.0],
+                              strides=[8, 16, 32]),
         bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
         loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
         loss_bbox=dict(type="L1Loss", loss_weight=1.0),
@@ -47,7 +48,8 @@ model = dict(
             fc_out_channels=256,
             roi_feat_size=7,
             num_classes=6,  # the bundled dataset's CLASSES
-            bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
+            bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4,
+                            target_stds=[0.1, 0.1, 0.2, 0.2]),
             reg_class_agnostic=False,
             loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
             loss_bbox=dict(type="L1Loss", loss_weight=1.0),
@@ -57,13 +59,16 @@ model = dict(
         rpn=dict(
             assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
                           match_low_quality=True),
-            sampler=dict(type="RandomSampler", num=256, pos_fraction=0.5, neg_pos_ub=-1, add_gt_as_proposals=False),
+            sampler=dict(type="RandomSampler", num=256, pos_fraction=0.5, neg_pos_ub=-1,
+                         add_gt_as_proposals=False),
         ),
-        rpn_proposal=dict(nms_pre=500, max_per_img=300, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
+        rpn_proposal=dict(nms_pre=500, max_per_img=300, nms=dict(type="nms", iou_threshold=0.7),
+                          min_bbox_size=0),
         rcnn=dict(
             assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
                           match_low_quality=False),
-            sampler=dict(type="RandomSampler", num=128, pos_fraction=0.25, neg_pos_ub=-1, add_gt_as_proposals=True),
+            sampler=dict(type="RandomSampler", num=128, pos_fraction=0.25, neg_pos_ub=-1,
+                         add_gt_as_proposals=True),
         ),
     ),
     test_cfg=dict(

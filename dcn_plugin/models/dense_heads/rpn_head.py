@@ -51,7 +51,8 @@ class RPNHead(BaseModule):
         self.anchor_generator = TASK_UTILS.build(copy.deepcopy(anchor_generator or dict(
             type="AnchorGenerator", scales=[8], ratios=[0.5, 1.0, 2.0], strides=[4, 8, 16, 32, 64])))
         self.bbox_coder = TASK_UTILS.build(copy.deepcopy(bbox_coder or dict(type="DeltaXYWHBBoxCoder")))
-        self.loss_cls = MODELS.build(copy.deepcopy(loss_cls or dict(type="CrossEntropyLoss", use_sigmoid=True)))
+        self.loss_cls = MODELS.build(copy.deepcopy(loss_cls or dict(type="CrossEntropyLoss",
+                                                                    use_sigmoid=True)))
         self.loss_bbox = MODELS.build(copy.deepcopy(loss_bbox or dict(type="L1Loss")))
         self.train_cfg = copy.deepcopy(train_cfg)
         self.test_cfg = copy.deepcopy(test_cfg) if test_cfg is not None else dict(
@@ -61,14 +62,16 @@ class RPNHead(BaseModule):
             self.sampler = TASK_UTILS.build(copy.deepcopy(self.train_cfg["sampler"]))
         anchors = self.anchor_generator.num_base_priors
         if len(set(anchors)) != 1:
-            raise ValueError(f"RPNHead: every level must have the same number of anchors per cell, got {anchors}")
+            raise ValueError(f"RPNHead: every level must have the same number of anchors per cell, "
+                             f"got {anchors}")
         self.num_anchors = anchors[0]
         # mmdet's layout, so that its checkpoints load: one conv, or a stack of ConvModules.
         if num_convs == 1:
             self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
         else:
-            self.rpn_conv = nn.Sequential(*(ConvModule(in_channels if i == 0 else feat_channels, feat_channels, 3,
-                                                       padding=1, inplace=False) for i in range(num_convs)))
+            self.rpn_conv = nn.Sequential(*(
+                ConvModule(in_channels if i == 0 else feat_channels, feat_channels, 3, padding=1,
+                           inplace=False) for i in range(num_convs)))
         self.rpn_cls = nn.Conv2d(feat_channels, self.num_anchors, 1)
         self.rpn_reg = nn.Conv2d(feat_channels, self.num_anchors * 4, 1)
 
@@ -163,7 +166,8 @@ class RPNHead(BaseModule):
                 max(sampled, 1))
 
     # ----------------------------------------------------------------------------------------
-    def predict(self, feats: tuple[Tensor, ...], data_samples: list, rescale: bool = False) -> list[InstanceData]:
+    def predict(self, feats: tuple[Tensor, ...], data_samples: list,
+                rescale: bool = False) -> list[InstanceData]:
         """Proposals in input pixels (``rescale`` must be False: they feed the RoI head)."""
         if rescale:
             raise ValueError("RPNHead.predict: proposals stay in input pixels (rescale=False)")

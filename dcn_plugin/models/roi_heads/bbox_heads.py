@@ -46,7 +46,8 @@ class BBoxHead(BaseModule):
         self.reg_class_agnostic = reg_class_agnostic
         self.bbox_coder = TASK_UTILS.build(copy.deepcopy(bbox_coder or dict(
             type="DeltaXYWHBBoxCoder", target_means=[0.0, 0.0, 0.0, 0.0], target_stds=[0.1, 0.1, 0.2, 0.2])))
-        self.loss_cls = MODELS.build(copy.deepcopy(loss_cls or dict(type="CrossEntropyLoss", use_sigmoid=False)))
+        self.loss_cls = MODELS.build(copy.deepcopy(loss_cls or dict(type="CrossEntropyLoss",
+                                                                    use_sigmoid=False)))
         self.loss_bbox = MODELS.build(copy.deepcopy(loss_bbox or dict(type="L1Loss")))
 
     @property
@@ -62,7 +63,8 @@ class BBoxHead(BaseModule):
         labels, label_weights, targets, weights = [], [], [], []
         for result in sampling_results:
             num_pos, num_neg = len(result.pos_priors), len(result.neg_priors)
-            image_labels = result.pos_priors.new_full((num_pos + num_neg,), self.num_classes, dtype=torch.long)
+            image_labels = result.pos_priors.new_full((num_pos + num_neg,), self.num_classes,
+                                                      dtype=torch.long)
             image_labels[:num_pos] = result.pos_gt_labels
             image_label_weights = result.pos_priors.new_ones(num_pos + num_neg)
             image_label_weights[:num_pos] = pos_weight if pos_weight > 0 else 1.0
@@ -104,8 +106,9 @@ class BBoxHead(BaseModule):
         """
         results = []
         counts = [int((rois[:, 0] == i).sum()) for i in range(len(metainfos))]
-        for image_rois, scores, deltas, meta in zip(rois.split(counts), F.softmax(cls_score.float(), -1).split(
-                counts), bbox_pred.float().split(counts), metainfos, strict=True):
+        probabilities = F.softmax(cls_score.float(), -1)
+        for image_rois, scores, deltas, meta in zip(rois.split(counts), probabilities.split(counts),
+                                                    bbox_pred.float().split(counts), metainfos, strict=True):
             num = len(image_rois)
             deltas = deltas.view(num, self.reg_channels // 4, 4).expand(num, self.num_classes, 4)
             boxes = self.bbox_coder.decode(image_rois[:, None, 1:].expand(num, self.num_classes, 4), deltas,
@@ -203,10 +206,10 @@ class PSRoIBBoxHead(BBoxHead):
         k = self.group_size
         offset = None
         if offset_maps is not None:
-            offset = deform_psroi_pool(offset_maps, rois, None, self.spatial_scale, offset_maps.shape[1] // (k * k),
-                                       k, k, k, self.sample_per_part)
-        return deform_psroi_pool(maps, rois, offset, self.spatial_scale, output_dim, k, k, k, self.sample_per_part,
-                                 self.trans_std if offset is not None else 0.0)
+            offset = deform_psroi_pool(offset_maps, rois, None, self.spatial_scale,
+                                       offset_maps.shape[1] // (k * k), k, k, k, self.sample_per_part)
+        return deform_psroi_pool(maps, rois, offset, self.spatial_scale, output_dim, k, k, k,
+                                 self.sample_per_part, self.trans_std if offset is not None else 0.0)
 
     def forward(self, feat: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         x = F.relu(self.conv_new(feat))

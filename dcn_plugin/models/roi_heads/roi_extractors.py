@@ -23,8 +23,8 @@ class RoIAlign(DeformRoIPool):
     ``forward(input (B, C, H, W), rois (R, 5))`` returns ``(R, C, *output_size)``.
     """
 
-    def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 0, pool_mode: str = "avg",
-                 aligned: bool = True, use_torchvision: bool = False) -> None:
+    def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 0,
+                 pool_mode: str = "avg", aligned: bool = True, use_torchvision: bool = False) -> None:
         if pool_mode != "avg" or not aligned:
             raise ValueError(f"RoIAlign: only pool_mode='avg' with aligned=True is supported, got "
                              f"pool_mode={pool_mode!r}, aligned={aligned}")
@@ -48,8 +48,8 @@ def build_roi_layer(cfg: dict, spatial_scale: float) -> nn.Module:
         name = layer_type.split(".", 1)[1] if layer_type.startswith(("dcn_plugin.", "mmcv.")) else layer_type
         layer_cls = NAMED_ROI_LAYERS.get(name) or MODELS.get(layer_type)
         if layer_cls is None:
-            raise KeyError(f"roi_layer: unknown type {layer_type!r}; known: {', '.join(NAMED_ROI_LAYERS)} or a "
-                           "layer registered in dcn_plugin's MODELS")
+            raise KeyError(f"roi_layer: unknown type {layer_type!r}; known: {', '.join(NAMED_ROI_LAYERS)} "
+                           "or a layer registered in dcn_plugin's MODELS")
     else:
         layer_cls = layer_type
     return layer_cls(spatial_scale=spatial_scale, **cfg)

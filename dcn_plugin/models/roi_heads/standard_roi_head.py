@@ -20,7 +20,8 @@ __all__ = ["bbox2roi", "StandardRoIHead", "RFCNRoIHead"]
 
 def bbox2roi(boxes: list[Tensor]) -> Tensor:
     """Per-image boxes (K_i, 4) -> RoIs (sum K_i, 5) ``[image index, x1, y1, x2, y2]``."""
-    return torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b[:, :4]], 1) for i, b in enumerate(boxes)])
+    return torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b[:, :4]], 1)
+                      for i, b in enumerate(boxes)])
 
 
 @MODELS.register_module()
@@ -59,7 +60,8 @@ class StandardRoIHead(BaseModule):
     def loss(self, feats: tuple[Tensor, ...], proposals: list[InstanceData], data_samples: list) -> dict:
         """Assigns and samples each image's proposals, then the box head's losses."""
         if self.train_cfg is None:
-            raise RuntimeError(f"{type(self).__name__}: training needs train_cfg with an assigner and a sampler")
+            raise RuntimeError(f"{type(self).__name__}: training needs train_cfg with an assigner and a "
+                               "sampler")
         sampling_results = []
         for proposal, sample in zip(proposals, data_samples, strict=True):
             gt = sample.gt_instances
