@@ -5,8 +5,8 @@ whose convolutions turn deformable from its config (through ``dcn_plugin.layers`
 ``detectors.FasterRCNN`` and ``detectors.RFCN`` with ``dense_heads.RPNHead`` and ``roi_heads``,
 whose RoI pooling turns deformable from its config too; ``task_modules`` (anchors, box coder,
 assigner, sampler); ``losses``, ``bbox`` (IoU, NMS with torch ops), ``data_preprocessor``;
-``deploy``: ONNX export of the detector
-and ``ONNXRuntimeDetector`` (need the ``deploy`` extra too, imported only when used).
+``deploy``: ONNX export of the detector and ``ONNXRuntimeDetector`` (need the ``deploy`` extra
+too, imported only when used).
 """
 
 from .._extras import DETECTOR_MODULES, require

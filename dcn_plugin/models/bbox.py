@@ -60,8 +60,10 @@ def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: fl
     """
     if boxes.numel() == 0:
         return boxes.new_zeros((0, 5)), labels.new_zeros((0,), dtype=torch.long)
-    # Shift each class into its own disjoint coordinate range, then one class-agnostic NMS.
-    span = boxes.max() - boxes.min() + 1
+    # Shift each class into its own disjoint coordinate range, then one class-agnostic NMS. The shift
+    # is mmcv's (max + 1 per label) where no coordinate is negative: IoUs of the shifted boxes round
+    # as mmdet's, so the same boxes are kept.
+    span = boxes.max() - boxes.min().clamp(max=0) + 1
     shifted = boxes + (labels.to(boxes) * span)[:, None]
     keep = nms(shifted, scores, iou_threshold)
     if max_num >= 0:

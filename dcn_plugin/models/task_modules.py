@@ -52,7 +52,8 @@ class AnchorGenerator:
         self.strides = [int(s) if not isinstance(s, (tuple, list)) else int(s[0]) for s in strides]
         self.base_sizes = list(base_sizes) if base_sizes is not None else list(self.strides)
         if len(self.base_sizes) != len(self.strides):
-            raise ValueError(f"AnchorGenerator: {len(self.base_sizes)} base_sizes for {len(self.strides)} strides")
+            raise ValueError(f"AnchorGenerator: {len(self.base_sizes)} base_sizes for "
+                             f"{len(self.strides)} strides")
         self.ratios = torch.tensor(ratios, dtype=torch.float32)
         self.scales = torch.tensor(scales, dtype=torch.float32)
         self.scale_major = scale_major
@@ -80,7 +81,8 @@ class AnchorGenerator:
             hs = (base_size * self.scales[:, None] * h_ratios[None, :]).reshape(-1)
         return torch.stack([center - 0.5 * ws, center - 0.5 * hs, center + 0.5 * ws, center + 0.5 * hs], -1)
 
-    def grid_priors(self, sizes: Sequence[tuple[int, int]], dtype=torch.float32, device="cpu") -> list[Tensor]:
+    def grid_priors(self, sizes: Sequence[tuple[int, int]], dtype=torch.float32,
+                    device="cpu") -> list[Tensor]:
         """Per level ``(H * W * A, 4)``: cells row-major, the ``A`` base anchors within a cell."""
         if len(sizes) != self.num_levels:
             raise ValueError(f"AnchorGenerator: {len(sizes)} feature levels for {self.num_levels} strides")
@@ -93,11 +95,13 @@ class AnchorGenerator:
             priors.append((shifts + base.to(device=device, dtype=dtype)[None]).reshape(-1, 4))
         return priors
 
-    def valid_flags(self, sizes: Sequence[tuple[int, int]], pad_shape: tuple[int, int], device="cpu") -> list[Tensor]:
+    def valid_flags(self, sizes: Sequence[tuple[int, int]], pad_shape: tuple[int, int],
+                    device="cpu") -> list[Tensor]:
         """Per level ``(H * W * A,)``: whether the anchor's cell lies inside the padded image."""
         flags = []
         for (h, w), stride, count in zip(sizes, self.strides, self.num_base_priors, strict=True):
-            valid_h, valid_w = min(math.ceil(pad_shape[0] / stride), h), min(math.ceil(pad_shape[1] / stride), w)
+            valid_h = min(math.ceil(pad_shape[0] / stride), h)
+            valid_w = min(math.ceil(pad_shape[1] / stride), w)
             valid = torch.zeros(h, w, dtype=torch.bool, device=device)
             valid[:valid_h, :valid_w] = True
             flags.append(valid.reshape(-1, 1).expand(-1, count).reshape(-1))
@@ -120,10 +124,11 @@ class DeltaXYWHBBoxCoder:
     def encode(self, boxes: Tensor, gt_boxes: Tensor) -> Tensor:
         """``(N, 4)`` deltas that turn ``boxes`` into ``gt_boxes`` (both ``(N, 4)``)."""
         boxes, gt_boxes = boxes.float(), gt_boxes.float()
+        # Centres as mmdet's (x1 + x2) / 2, not x1 + w / 2: the same float32 rounding.
         pw, ph = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        px, py = boxes[:, 0] + 0.5 * pw, boxes[:, 1] + 0.5 * ph
+        px, py = (boxes[:, 0] + boxes[:, 2]) * 0.5, (boxes[:, 1] + boxes[:, 3]) * 0.5
         gw, gh = gt_boxes[:, 2] - gt_boxes[:, 0], gt_boxes[:, 3] - gt_boxes[:, 1]
-        gx, gy = gt_boxes[:, 0] + 0.5 * gw, gt_boxes[:, 1] + 0.5 * gh
+        gx, gy = (gt_boxes[:, 0] + gt_boxes[:, 2]) * 0.5, (gt_boxes[:, 1] + gt_boxes[:, 3]) * 0.5
         deltas = torch.stack([(gx - px) / pw, (gy - py) / ph, (gw / pw).log(), (gh / ph).log()], -1)
         return (deltas - deltas.new_tensor(self.means)) / deltas.new_tensor(self.stds)
 
@@ -135,7 +140,7 @@ class DeltaXYWHBBoxCoder:
         dw = deltas[..., 2].clamp(-max_ratio, max_ratio)
         dh = deltas[..., 3].clamp(-max_ratio, max_ratio)
         pw, ph = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-        px, py = boxes[..., 0] + 0.5 * pw, boxes[..., 1] + 0.5 * ph
+        px, py = (boxes[..., 0] + boxes[..., 2]) * 0.5, (boxes[..., 1] + boxes[..., 3]) * 0.5
         gx, gy = px + pw * deltas[..., 0], py + ph * deltas[..., 1]
         gw, gh = pw * dw.exp(), ph * dh.exp()
         x1, y1, x2, y2 = gx - 0.5 * gw, gy - 0.5 * gh, gx + 0.5 * gw, gy + 0.5 * gh
@@ -194,7 +199,8 @@ class MaxIoUAssigner:
         num_gts, num_priors = len(gt_bboxes), len(priors)
         if num_gts == 0 or num_priors == 0:
             return AssignResult(num_gts, priors.new_zeros(num_priors, dtype=torch.long),
-                                priors.new_zeros(num_priors), priors.new_full((num_priors,), -1, dtype=torch.long))
+                                priors.new_zeros(num_priors), priors.new_full((num_priors,), -1,
+                                                                              dtype=torch.long))
         overlaps = bbox_overlaps(gt_bboxes.float(), priors.float())  # (G, N)
         max_overlaps, best_gt = overlaps.max(0)
         gt_max_overlaps, _ = overlaps.max(1)
@@ -238,14 +244,20 @@ class SamplingResult:
 
     @property
     def avg_factor(self) -> int:
-        return len(self.pos_inds) + len(self.neg_inds)
+        """What a sampled loss divides by: positives plus negatives, each counted as at least one
+        (mmdet's), so that an image without positives still weighs in."""
+        return max(len(self.pos_inds), 1) + max(len(self.neg_inds), 1)
 
 
 @TASK_UTILS.register_module()
 class RandomSampler:
     """mmdet's ``RandomSampler``: up to ``num * pos_fraction`` positives at random, negatives to fill
     ``num`` (at most ``neg_pos_ub`` per positive when that is >= 0). ``add_gt_as_proposals`` puts the
-    ground truth boxes among the priors first. Draws with torch's global generator."""
+    ground truth boxes among the priors first. The chosen indices come sorted, as mmdet's.
+
+    Draws as mmdet's do: ``torch.randperm`` on the CPU generator, positives then negatives, and only
+    where there are more candidates than places; so with the same seed both choose the same priors.
+    """
 
     def __init__(self, num: int, pos_fraction: float, neg_pos_ub: int = -1, add_gt_as_proposals: bool = True):
         self.num = num
@@ -257,9 +269,10 @@ class RandomSampler:
     def _choose(indices: Tensor, count: int) -> Tensor:
         if len(indices) <= count:
             return indices
-        return indices[torch.randperm(len(indices), device=indices.device)[:count]]
+        return indices[torch.randperm(len(indices))[:count].to(indices.device)].sort().values
 
-    def sample(self, assign: AssignResult, priors: Tensor, gt_bboxes: Tensor, gt_labels: Tensor) -> SamplingResult:
+    def sample(self, assign: AssignResult, priors: Tensor, gt_bboxes: Tensor,
+               gt_labels: Tensor) -> SamplingResult:
         priors = priors[:, :4]
         is_gt = priors.new_zeros(len(priors), dtype=torch.bool)
         if self.add_gt_as_proposals and len(gt_bboxes) > 0:
@@ -273,4 +286,5 @@ class RandomSampler:
         neg = self._choose(torch.nonzero(assign.gt_inds == 0).flatten(), num_neg)
         assigned = assign.gt_inds[pos] - 1
         pos_gt = gt_bboxes.to(priors)[assigned] if len(gt_bboxes) else priors.new_zeros((0, 4))
-        return SamplingResult(pos, neg, priors[pos], priors[neg], pos_gt, assign.labels[pos], assigned, is_gt[pos])
+        return SamplingResult(pos, neg, priors[pos], priors[neg], pos_gt, assign.labels[pos], assigned,
+                              is_gt[pos])

@@ -33,7 +33,9 @@ class RPNHead(BaseModule):
         anchor_generator / bbox_coder: ``TASK_UTILS`` configs (``AnchorGenerator``,
             ``DeltaXYWHBBoxCoder``).
         loss_cls / loss_bbox: binary cross-entropy and L1 by default, as mmdet.
-        train_cfg: ``assigner``, ``sampler`` (``TASK_UTILS`` configs).
+        train_cfg: ``assigner``, ``sampler`` (``TASK_UTILS`` configs); as mmdet's, ``allowed_border``
+            (>= 0: only anchors within the image by that margin are trained; default -1: all in
+            ``pad_shape``) and ``pos_weight`` (> 0: the positives' classification weight).
         test_cfg: ``nms_pre`` (per level), ``nms=dict(iou_threshold=...)``, ``max_per_img``,
             ``min_bbox_size``; the detector passes its ``rpn_proposal`` config in training.
     """
@@ -49,7 +51,8 @@ class RPNHead(BaseModule):
         self.anchor_generator = TASK_UTILS.build(copy.deepcopy(anchor_generator or dict(
             type="AnchorGenerator", scales=[8], ratios=[0.5, 1.0, 2.0], strides=[4, 8, 16, 32, 64])))
         self.bbox_coder = TASK_UTILS.build(copy.deepcopy(bbox_coder or dict(type="DeltaXYWHBBoxCoder")))
-        self.loss_cls = MODELS.build(copy.deepcopy(loss_cls or dict(type="CrossEntropyLoss", use_sigmoid=True)))
+        self.loss_cls = MODELS.build(copy.deepcopy(loss_cls or dict(type="CrossEntropyLoss",
+                                                                    use_sigmoid=True)))
         self.loss_bbox = MODELS.build(copy.deepcopy(loss_bbox or dict(type="L1Loss")))
         self.train_cfg = copy.deepcopy(train_cfg)
         self.test_cfg = copy.deepcopy(test_cfg) if test_cfg is not None else dict(
@@ -59,14 +62,16 @@ class RPNHead(BaseModule):
             self.sampler = TASK_UTILS.build(copy.deepcopy(self.train_cfg["sampler"]))
         anchors = self.anchor_generator.num_base_priors
         if len(set(anchors)) != 1:
-            raise ValueError(f"RPNHead: every level must have the same number of anchors per cell, got {anchors}")
+            raise ValueError(f"RPNHead: every level must have the same number of anchors per cell, "
+                             f"got {anchors}")
         self.num_anchors = anchors[0]
         # mmdet's layout, so that its checkpoints load: one conv, or a stack of ConvModules.
         if num_convs == 1:
             self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
         else:
-            self.rpn_conv = nn.Sequential(*(ConvModule(in_channels if i == 0 else feat_channels, feat_channels, 3,
-                                                       padding=1, inplace=False) for i in range(num_convs)))
+            self.rpn_conv = nn.Sequential(*(
+                ConvModule(in_channels if i == 0 else feat_channels, feat_channels, 3, padding=1,
+                           inplace=False) for i in range(num_convs)))
         self.rpn_cls = nn.Conv2d(feat_channels, self.num_anchors, 1)
         self.rpn_reg = nn.Conv2d(feat_channels, self.num_anchors * 4, 1)
 
@@ -113,7 +118,7 @@ class RPNHead(BaseModule):
     def loss_by_feat(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], data_samples: list) -> dict:
         anchors, valid = self._anchors(cls_scores, [s.metainfo for s in data_samples])
         labels, label_weights, targets, target_weights, avg_factor = self.get_targets(
-            anchors, valid, [s.gt_instances for s in data_samples])
+            anchors, valid, [s.gt_instances for s in data_samples], [s.metainfo for s in data_samples])
         scores = self._flatten(cls_scores, 1).reshape(-1)
         deltas = self._flatten(bbox_preds, 4).reshape(-1, 4)
         loss_cls = self.loss_cls(scores.float(), (labels == 0).float(), label_weights, avg_factor=avg_factor)
@@ -121,14 +126,22 @@ class RPNHead(BaseModule):
         return dict(loss_rpn_cls=loss_cls, loss_rpn_bbox=loss_bbox)
 
     @torch.no_grad()
-    def get_targets(self, anchors: Tensor, valid: Tensor, gt_instances: list[InstanceData]):
+    def get_targets(self, anchors: Tensor, valid: Tensor, gt_instances: list[InstanceData],
+                    metainfos: list[dict]):
         """Targets of every anchor of every image, flattened (B * N): labels (0 object, 1 background),
         label weights (1 where sampled), delta targets (B * N, 4) and weights, and the number of
         sampled anchors (the losses' ``avg_factor``)."""
         if self.train_cfg is None:
             raise RuntimeError("RPNHead: training needs train_cfg with an assigner and a sampler")
         labels, label_weights, targets, target_weights, sampled = [], [], [], [], 0
-        for image_valid, gt in zip(valid, gt_instances, strict=True):
+        allowed_border = self.train_cfg.get("allowed_border", -1)
+        pos_weight = self.train_cfg.get("pos_weight", -1)
+        for image_valid, gt, meta in zip(valid, gt_instances, metainfos, strict=True):
+            if allowed_border >= 0:
+                height, width = meta["img_shape"][:2]
+                image_valid = (image_valid & (anchors[:, 0] >= -allowed_border)
+                               & (anchors[:, 1] >= -allowed_border) & (anchors[:, 2] < width + allowed_border)
+                               & (anchors[:, 3] < height + allowed_border))
             inside = image_valid.nonzero().flatten()
             gt_boxes = gt.bboxes.to(anchors)
             assign = self.assigner.assign(anchors[inside], gt_boxes, gt.labels)
@@ -139,8 +152,8 @@ class RPNHead(BaseModule):
             image_target_weights = anchors.new_zeros(len(anchors), 4)
             pos, neg = inside[sample.pos_inds], inside[sample.neg_inds]
             image_labels[pos] = 0
-            image_weights[pos] = 1.0
             image_weights[neg] = 1.0
+            image_weights[pos] = pos_weight if pos_weight > 0 else 1.0
             if len(pos):
                 image_targets[pos] = self.bbox_coder.encode(sample.pos_priors, sample.pos_gt_bboxes)
                 image_target_weights[pos] = 1.0
@@ -153,7 +166,8 @@ class RPNHead(BaseModule):
                 max(sampled, 1))
 
     # ----------------------------------------------------------------------------------------
-    def predict(self, feats: tuple[Tensor, ...], data_samples: list, rescale: bool = False) -> list[InstanceData]:
+    def predict(self, feats: tuple[Tensor, ...], data_samples: list,
+                rescale: bool = False) -> list[InstanceData]:
         """Proposals in input pixels (``rescale`` must be False: they feed the RoI head)."""
         if rescale:
             raise ValueError("RPNHead.predict: proposals stay in input pixels (rescale=False)")
@@ -164,33 +178,38 @@ class RPNHead(BaseModule):
                         cfg: dict | None = None) -> list[InstanceData]:
         """Per image: ``InstanceData(bboxes (P, 4), scores (P,), labels (P,) zeros)``, best first.
 
-        Per level the ``nms_pre`` best anchors are decoded (clipped to ``img_shape``); boxes not
-        wider and taller than ``min_bbox_size`` are dropped; NMS runs within each level; the
-        ``max_per_img`` best are kept.
+        Per level the ``nms_pre`` best anchors (equal scores: the earlier anchor first; mmdet's
+        unstable sort leaves them in an order of torch's choosing) are decoded (clipped to
+        ``img_shape``); where ``min_bbox_size >= 0`` (as mmdet's) boxes not wider and taller than
+        it are dropped; NMS runs within each level; the ``max_per_img`` best are kept. Computes
+        in the scores' dtype, float32 at least.
         """
         cfg = cfg if cfg is not None else self.test_cfg
-        anchors = self.anchor_generator.grid_priors([tuple(s.shape[-2:]) for s in cls_scores],
+        dtype = torch.promote_types(cls_scores[0].dtype, torch.float32)
+        anchors = self.anchor_generator.grid_priors([tuple(s.shape[-2:]) for s in cls_scores], dtype=dtype,
                                                     device=cls_scores[0].device)
         nms_pre, max_per_img = cfg.get("nms_pre", -1), cfg.get("max_per_img", -1)
         iou_threshold = cfg.get("nms", {}).get("iou_threshold", 0.7)
-        min_size = cfg.get("min_bbox_size", 0)
+        min_size = cfg.get("min_bbox_size", -1)
         proposals = []
         for image, meta in enumerate(metainfos):
             boxes, scores, levels = [], [], []
             for level, (score_map, delta_map, level_anchors) in enumerate(zip(cls_scores, bbox_preds, anchors,
                                                                              strict=True)):
-                score = score_map[image].permute(1, 2, 0).reshape(-1).float().sigmoid()
-                delta = delta_map[image].permute(1, 2, 0).reshape(-1, 4).float()
+                score = score_map[image].permute(1, 2, 0).reshape(-1).to(dtype).sigmoid()
+                delta = delta_map[image].permute(1, 2, 0).reshape(-1, 4).to(dtype)
                 if 0 < nms_pre < len(score):
-                    score, keep = score.topk(nms_pre)
+                    score, keep = score.sort(descending=True, stable=True)
+                    score, keep = score[:nms_pre], keep[:nms_pre]
                     delta, level_anchors = delta[keep], level_anchors[keep]
                 boxes.append(self.bbox_coder.decode(level_anchors, delta, max_shape=meta.get("img_shape")))
                 scores.append(score)
                 levels.append(torch.full_like(score, level, dtype=torch.long))
             boxes, scores, levels = torch.cat(boxes), torch.cat(scores), torch.cat(levels)
-            width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-            kept = (width > min_size) & (height > min_size)
-            boxes, scores, levels = boxes[kept], scores[kept], levels[kept]
+            if min_size >= 0:
+                width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+                kept = (width > min_size) & (height > min_size)
+                boxes, scores, levels = boxes[kept], scores[kept], levels[kept]
             dets, keep = batched_nms(boxes, scores, levels, iou_threshold, max_per_img)
             proposals.append(InstanceData(bboxes=dets[:, :4], scores=dets[:, 4],
                                           labels=levels.new_zeros(len(keep))))

@@ -55,8 +55,8 @@ class TwoStageDetector(BaseModel):
         feats = self.extract_feat(inputs)
         if mode == "loss":
             proposal_cfg = _get(self.train_cfg, "rpn_proposal")
-            rpn_feats = self.rpn_feats(feats)
-            losses, proposals = self.rpn_head.loss_and_predict(rpn_feats, data_samples, proposal_cfg)
+            losses, proposals = self.rpn_head.loss_and_predict(self.rpn_feats(feats), data_samples,
+                                                               proposal_cfg)
             losses.update(self.roi_head.loss(feats, proposals, data_samples))
             return losses
         if mode == "predict":

@@ -46,7 +46,8 @@ class BBoxHead(BaseModule):
         self.reg_class_agnostic = reg_class_agnostic
         self.bbox_coder = TASK_UTILS.build(copy.deepcopy(bbox_coder or dict(
             type="DeltaXYWHBBoxCoder", target_means=[0.0, 0.0, 0.0, 0.0], target_stds=[0.1, 0.1, 0.2, 0.2])))
-        self.loss_cls = MODELS.build(copy.deepcopy(loss_cls or dict(type="CrossEntropyLoss", use_sigmoid=False)))
+        self.loss_cls = MODELS.build(copy.deepcopy(loss_cls or dict(type="CrossEntropyLoss",
+                                                                    use_sigmoid=False)))
         self.loss_bbox = MODELS.build(copy.deepcopy(loss_bbox or dict(type="L1Loss")))
 
     @property
@@ -54,28 +55,34 @@ class BBoxHead(BaseModule):
         return 4 if self.reg_class_agnostic else 4 * self.num_classes
 
     @torch.no_grad()
-    def get_targets(self, sampling_results: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def get_targets(self, sampling_results: list,
+                    pos_weight: float = -1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For the sampled RoIs of all images (positives then negatives, image by image): labels
-        (R,) (``num_classes`` for background), label weights (R,), delta targets (R, 4), weights."""
-        labels, targets, weights = [], [], []
+        (R,) (``num_classes`` for background), label weights (R,) (``pos_weight`` for positives
+        where it is > 0, else 1), delta targets (R, 4), weights."""
+        labels, label_weights, targets, weights = [], [], [], []
         for result in sampling_results:
             num_pos, num_neg = len(result.pos_priors), len(result.neg_priors)
-            image_labels = result.pos_priors.new_full((num_pos + num_neg,), self.num_classes, dtype=torch.long)
+            image_labels = result.pos_priors.new_full((num_pos + num_neg,), self.num_classes,
+                                                      dtype=torch.long)
             image_labels[:num_pos] = result.pos_gt_labels
+            image_label_weights = result.pos_priors.new_ones(num_pos + num_neg)
+            image_label_weights[:num_pos] = pos_weight if pos_weight > 0 else 1.0
             image_targets = result.pos_priors.new_zeros(num_pos + num_neg, 4)
             image_weights = result.pos_priors.new_zeros(num_pos + num_neg, 4)
             if num_pos:
                 image_targets[:num_pos] = self.bbox_coder.encode(result.pos_priors, result.pos_gt_bboxes)
                 image_weights[:num_pos] = 1.0
             labels.append(image_labels)
+            label_weights.append(image_label_weights)
             targets.append(image_targets)
             weights.append(image_weights)
-        labels = torch.cat(labels)
-        return labels, torch.ones_like(labels, dtype=torch.float32), torch.cat(targets), torch.cat(weights)
+        return torch.cat(labels), torch.cat(label_weights), torch.cat(targets), torch.cat(weights)
 
-    def loss_and_target(self, cls_score: Tensor, bbox_pred: Tensor, sampling_results: list) -> dict[str, Tensor]:
+    def loss_and_target(self, cls_score: Tensor, bbox_pred: Tensor, sampling_results: list,
+                        pos_weight: float = -1) -> dict[str, Tensor]:
         """``loss_cls``, ``loss_bbox`` and ``acc`` (percent of sampled RoIs classified right)."""
-        labels, label_weights, targets, target_weights = self.get_targets(sampling_results)
+        labels, label_weights, targets, target_weights = self.get_targets(sampling_results, pos_weight)
         avg_factor = max(float((label_weights > 0).sum()), 1.0)
         loss_cls = self.loss_cls(cls_score.float(), labels, label_weights, avg_factor=avg_factor)
         pos = (labels < self.num_classes).nonzero().flatten()
@@ -99,14 +106,16 @@ class BBoxHead(BaseModule):
         """
         results = []
         counts = [int((rois[:, 0] == i).sum()) for i in range(len(metainfos))]
-        for image_rois, scores, deltas, meta in zip(rois.split(counts), F.softmax(cls_score.float(), -1).split(
-                counts), bbox_pred.float().split(counts), metainfos, strict=True):
+        probabilities = F.softmax(cls_score.float(), -1)
+        for image_rois, scores, deltas, meta in zip(rois.split(counts), probabilities.split(counts),
+                                                    bbox_pred.float().split(counts), metainfos, strict=True):
             num = len(image_rois)
             deltas = deltas.view(num, self.reg_channels // 4, 4).expand(num, self.num_classes, 4)
             boxes = self.bbox_coder.decode(image_rois[:, None, 1:].expand(num, self.num_classes, 4), deltas,
                                            max_shape=meta.get("img_shape"))
             if rescale and "scale_factor" in meta:
-                boxes = boxes / boxes.new_tensor(meta["scale_factor"][:2]).repeat(2)
+                # Times the reciprocal, as mmdet's scale_boxes (a division rounds differently).
+                boxes = boxes * boxes.new_tensor([1 / s for s in meta["scale_factor"][:2]]).repeat(2)
             scores = scores[:, :self.num_classes]
             labels = torch.arange(self.num_classes, device=scores.device).expand(num, -1)
             valid = scores > test_cfg.get("score_thr", 0.05)
@@ -209,8 +218,8 @@ class PSRoIBBoxHead(BBoxHead):
     def _pool(self, maps: Tensor, rois: Tensor, output_dim: int, offset: Tensor | None) -> Tensor:
         """(R, output_dim, k, k): ``maps`` pooled bin by bin, moved by ``offset`` where given."""
         k = self.group_size
-        return deform_psroi_pool(maps, rois, offset, self.spatial_scale, output_dim, k, k, k, self.sample_per_part,
-                                 self.trans_std if offset is not None else 0.0)
+        return deform_psroi_pool(maps, rois, offset, self.spatial_scale, output_dim, k, k, k,
+                                 self.sample_per_part, self.trans_std if offset is not None else 0.0)
 
     def forward(self, feat: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         x = F.relu(self.conv_new(feat))

@@ -20,7 +20,8 @@ __all__ = ["bbox2roi", "StandardRoIHead", "RFCNRoIHead"]
 
 def bbox2roi(boxes: list[Tensor]) -> Tensor:
     """Per-image boxes (K_i, 4) -> RoIs (sum K_i, 5) ``[image index, x1, y1, x2, y2]``."""
-    return torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b[:, :4]], 1) for i, b in enumerate(boxes)])
+    return torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b[:, :4]], 1)
+                      for i, b in enumerate(boxes)])
 
 
 @MODELS.register_module()
@@ -31,7 +32,8 @@ class StandardRoIHead(BaseModule):
         bbox_roi_extractor: e.g. ``SingleRoIExtractor`` with ``roi_layer=dict(type='RoIAlign' |
             'DeformRoIPoolPack' | 'ModulatedDeformRoIPoolPack', ...)``.
         bbox_head: e.g. ``Shared2FCBBoxHead``.
-        train_cfg: ``assigner`` and ``sampler`` (``TASK_UTILS`` configs) for the proposals.
+        train_cfg: ``assigner`` and ``sampler`` (``TASK_UTILS`` configs) for the proposals;
+            ``pos_weight`` (> 0: the positives' classification weight), as mmdet's.
         test_cfg: ``score_thr``, ``nms=dict(iou_threshold=...)``, ``max_per_img``.
     """
 
@@ -58,7 +60,8 @@ class StandardRoIHead(BaseModule):
     def loss(self, feats: tuple[Tensor, ...], proposals: list[InstanceData], data_samples: list) -> dict:
         """Assigns and samples each image's proposals, then the box head's losses."""
         if self.train_cfg is None:
-            raise RuntimeError(f"{type(self).__name__}: training needs train_cfg with an assigner and a sampler")
+            raise RuntimeError(f"{type(self).__name__}: training needs train_cfg with an assigner and a "
+                               "sampler")
         sampling_results = []
         for proposal, sample in zip(proposals, data_samples, strict=True):
             gt = sample.gt_instances
@@ -68,7 +71,8 @@ class StandardRoIHead(BaseModule):
             sampling_results.append(self.sampler.sample(assign, boxes, gt_boxes, gt.labels))
         rois = bbox2roi([result.priors for result in sampling_results])
         cls_score, bbox_pred = self._bbox_forward(feats, rois)
-        return self.bbox_head.loss_and_target(cls_score, bbox_pred, sampling_results)
+        return self.bbox_head.loss_and_target(cls_score, bbox_pred, sampling_results,
+                                              self.train_cfg.get("pos_weight", -1))
 
     def predict(self, feats: tuple[Tensor, ...], proposals: list[InstanceData], data_samples: list,
                 rescale: bool = True) -> list[InstanceData]:
