@@ -10,7 +10,8 @@ the forward pass and the backward pass, picked by constexpr flags.
 A program covers one bin of one RoI and a tile of ``BLOCK_C`` channels of one offset class, so the
 bin's sampling positions are scalars, computed once, and every sample is a vector load of the
 tile's channels from the input read channels-last per position-sensitive group,
-``(B, H, W, G * G, C)``. Positions and sums are in ``ACC`` (float32, float64 for double).
+``(B, H, W, G * G, C)``. Positions and sums are in ``ACC``
+(:func:`~dcn_plugin.ops.shapes.accumulate_dtype`: float32, float64 for double).
 
 - Forward: the average of the bin's samples, stored straight into the output ``(R, C, PH, PW)``.
 - Input gradient: scattered with ``tl.atomic_add`` into a ``(B, H, W, G * G, C)`` buffer in ``ACC``
@@ -33,8 +34,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..shapes import accumulate_dtype
 from .driver import alert_scatter, device_guard
-from .kernels import FP_FUSION
+from .kernels import FP_FUSION, TRITON_DTYPES
 
 #: The RoI table's columns that :func:`roi_pool_kernel` reads.
 _KERNEL_READS = ("batch", "y0", "x0", "height", "width", "grid_h", "grid_w")
@@ -268,6 +270,7 @@ def _launch(spec: RoiPoolSpec, input_cl: Tensor, table: Tensor, offset: Optional
     if not input_cl.is_cuda and isinstance(roi_pool_kernel, triton.runtime.jit.JITFunction):
         raise RuntimeError("dcn_plugin's Triton kernels run on CPU tensors only under Triton's interpreter: "
                            "set TRITON_INTERPRET=1 before triton is first imported")
+    acc = accumulate_dtype(input_cl.dtype)  # the table's dtype: C++ builds it with the same rule
     block = _block_channels(spec)
     tiles = triton.cdiv(per_class, block)
     batch, height, width, groups, _ = input_cl.shape
@@ -279,10 +282,10 @@ def _launch(spec: RoiPoolSpec, input_cl: Tensor, table: Tensor, offset: Optional
         input_cl, table, pointer(offset), pointer(grad_output), pointer(output), pointer(grad_input),
         pointer(partial), rois * spec.bins, spec.channels, per_class, tiles, height, width, groups,
         spec.group_size, *spec.pooled, *spec.parts, spec.classes,
-        torch.full((1,), spec.offset_scale, dtype=table.dtype, device=table.device),
+        torch.full((1,), spec.offset_scale, dtype=acc, device=table.device),
         ALIGN=spec.align, MARGIN=spec.margin, COUNT_VALID=spec.count_valid, HAS_OFFSET=offset is not None,
         FORWARD=output is not None, INPUT_GRAD=grad_input is not None, OFFSET_GRAD=partial is not None,
-        ACC=tl.float64 if table.dtype == torch.float64 else tl.float32, BLOCK_C=block,
+        ACC=TRITON_DTYPES[acc], BLOCK_C=block,
         num_warps=_warps(block), enable_fp_fusion=FP_FUSION,
     )
 
@@ -303,7 +306,7 @@ def _backward(spec: RoiPoolSpec, grad_output: Tensor, input: Tensor, table: Tens
         return grad_input, grad_offset
     if need_input:
         alert_scatter("the gradient of the input", op=f"{spec.op}_backward", deterministic="offset gradients")
-    rois, acc = table.shape[0], table.dtype
+    rois, acc = table.shape[0], accumulate_dtype(input.dtype)
     batch, _, height, width = input.shape
     groups = spec.group_size ** 2
     input_cl = _channels_last(spec, input)
