@@ -171,7 +171,7 @@ def roi_source(dtype: str, kind: str, block_c: int):
     """``roi_pool_kernel`` as ``roi_pool._launch`` launches it; returns ``(source, num_warps)``."""
     import triton.language as tl
 
-    from dcn_plugin.ops.triton.roi_pool import _warps, roi_pool_kernel
+    from dcn_plugin.ops.triton.roi_pool import roi_pool_kernel, roi_pool_warps
 
     acc = "fp64" if dtype == "fp64" else "fp32"
     rule, flags = ROI_KINDS[kind]
@@ -180,7 +180,7 @@ def roi_source(dtype: str, kind: str, block_c: int):
     pointers = {"input": dtype, "table": acc, "offset": dtype, "grad_output": dtype, "output": dtype,
                 "grad_input": acc, "partial": acc, "scale": acc}
     types = {name: "*" + pointers[name] if name in pointers else "i32" for name in roi_pool_kernel.arg_names}
-    return _source(roi_pool_kernel, constants, types, set(pointers)), _warps(block_c)
+    return _source(roi_pool_kernel, constants, types, set(pointers)), roi_pool_warps(block_c)
 
 
 def source_of(spec: str):

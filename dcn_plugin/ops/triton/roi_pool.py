@@ -253,10 +253,11 @@ def _block_channels(spec: RoiPoolSpec) -> int:
     return min(64, triton.next_power_of_2(max(spec.channels // spec.classes, 1)))
 
 
-def _warps(block_c: int) -> int:
-    """Warps per program: the tile is one vector of ``block_c`` channels, one per thread, so one warp
-    up to 32 channels and two for 64 (Triton's default of 4 would leave half the threads or more idle)."""
-    return max(1, min(4, block_c // 32))
+def roi_pool_warps(channels_per_program: int) -> int:
+    """Warps per program of :func:`roi_pool_kernel`: its tile is one vector of ``channels_per_program``
+    channels, one per thread, so one warp up to 32 channels and two for 64 (Triton's default of 4
+    would leave half the threads or more idle)."""
+    return max(1, min(4, channels_per_program // 32))
 
 
 def _launch(spec: RoiPoolSpec, input_cl: Tensor, table: Tensor, offset: Optional[Tensor], *,
@@ -286,7 +287,7 @@ def _launch(spec: RoiPoolSpec, input_cl: Tensor, table: Tensor, offset: Optional
         ALIGN=spec.align, MARGIN=spec.margin, COUNT_VALID=spec.count_valid, HAS_OFFSET=offset is not None,
         FORWARD=output is not None, INPUT_GRAD=grad_input is not None, OFFSET_GRAD=partial is not None,
         ACC=TRITON_DTYPES[acc], BLOCK_C=block,
-        num_warps=_warps(block), enable_fp_fusion=FP_FUSION,
+        num_warps=roi_pool_warps(block), enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -373,4 +374,4 @@ def deform_psroi_pool_backward(grad_output: Tensor, input: Tensor, rois: Tensor,
 
 
 __all__ = ["deform_roi_pool", "deform_roi_pool_backward", "deform_psroi_pool", "deform_psroi_pool_backward",
-           "RoiPoolSpec", "TABLE_COLUMNS"]
+           "RoiPoolSpec", "TABLE_COLUMNS", "roi_pool_warps"]
