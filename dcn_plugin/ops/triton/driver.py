@@ -1,6 +1,6 @@
 """The Triton implementation of ``dcn_plugin::deform_conv`` and ``dcn_plugin::deform_conv_backward``.
 
-The algebra is the C++ CPU kernels' (``csrc/deform_conv.cpp``). The *image* is the tensor that is
+The algebra is the C++ CPU driver's (``csrc/cpu/deform_conv_driver.cpp``). The *image* is the tensor that is
 sampled (the input of the convolution, the output of the transposed one) and the *grid* holds the
 points where offset and mask are given (see :class:`dcn_plugin.ops.shapes.DeformConvShape`); the
 *dense* tensor is the one on the grid that is not sampled (grad_output of the convolution, the input
