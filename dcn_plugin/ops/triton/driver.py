@@ -229,12 +229,8 @@ class _Needs:
 
 
 class _Backward:
-    """One call of the backward op: its buffers, the work on one chunk of columns, the gradients.
-
-    Columns and the products that make them are in the input's dtype. Sums are in the accumulation
-    dtype: weight ``(groups, C_grid / groups, rows / groups)`` (over chunks), the input gradient's
-    scatter onto the image, offset and mask ``(channels, B * L)``; the transposed op's input gradient
-    ``(C_grid, B * L)`` is one product per chunk, in the input's dtype."""
+    """One call of the backward op: its buffers (in the dtypes the module docstring gives), the work
+    on one chunk of columns, the gradients."""
 
     def __init__(self, g: DeformConvShape, need: _Needs, grad_output: Tensor, input: Tensor, weight: Tensor,
                  offset: Optional[Tensor], mask: Optional[Tensor], wide_index: Optional[bool]):
