@@ -139,6 +139,18 @@ def test_table_columns_are_the_cpp_layout():
     assert {name: table[0, roi_pool.TABLE_COLUMNS[name]].item() for name in expected} == expected
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_table_dtype_is_the_accumulate_dtype(dtype):
+    """The Triton kernel computes in ``shapes.accumulate_dtype`` of the input and reads the RoI table,
+    which C++ builds in its compute dtype (csrc/compute_dtype.h), in that dtype: the two rules agree."""
+    from dcn_plugin.ops.shapes import accumulate_dtype
+
+    input = torch.zeros(1, 1, 4, 4, dtype=dtype)
+    rois = torch.tensor([[0.0, 0, 0, 2, 2]], dtype=dtype)
+    table = torch.ops.dcn_plugin._deform_roi_pool_table(input, rois, None, [1, 1], 1.0, 0, 0.1, None)
+    assert table.dtype == accumulate_dtype(dtype)
+
 @pytest.mark.parametrize("kind", ["roi", "psroi"])
 def test_opcheck(triton_device, kind):
     case = _tiny(kind, batch=1, size=(4, 5))

@@ -9,7 +9,7 @@ kernels, for every launch the drivers make. ``--all`` compiles every variant of
 
 - ``N,DTYPE,KIND,WIDE[,BLOCK_CHANNELS]`` for the convolution's ``sample_kernel``
   (e.g. ``2,bf16,CSom+off+mask,False``);
-- ``roi,DTYPE,KIND[,BLOCK_C]`` for ``roi_pool_kernel`` (e.g. ``roi,fp16,mmcv-backward``).
+- ``roi,DTYPE,KIND[,BLOCK_CHANNELS]`` for ``roi_pool_kernel`` (e.g. ``roi,fp16,mmcv-backward``).
 
 Targets: ``cuda:80``, ``cuda:90``, ``cuda:100`` (NVIDIA sm_XX), ``hip:gfx90a``, ``hip:gfx942`` (AMD);
 the default is ``cuda:90``. Each target is first tried with a one-line probe kernel: where even
@@ -171,16 +171,16 @@ def roi_source(dtype: str, kind: str, block_c: int):
     """``roi_pool_kernel`` as ``roi_pool._launch`` launches it; returns ``(source, num_warps)``."""
     import triton.language as tl
 
-    from dcn_plugin.ops.triton.roi_pool import _warps, roi_pool_kernel
+    from dcn_plugin.ops.triton.roi_pool import roi_pool_kernel, roi_pool_warps
 
     acc = "fp64" if dtype == "fp64" else "fp32"
     rule, flags = ROI_KINDS[kind]
     constants = {**ROI_RULES[rule], **{flag: flags.get(flag, False) for flag in ROI_FLAGS}}
-    constants.update(ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK_C=block_c)
+    constants.update(ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK_CHANNELS=block_c)
     pointers = {"input": dtype, "table": acc, "offset": dtype, "grad_output": dtype, "output": dtype,
                 "grad_input": acc, "partial": acc, "scale": acc}
     types = {name: "*" + pointers[name] if name in pointers else "i32" for name in roi_pool_kernel.arg_names}
-    return _source(roi_pool_kernel, constants, types, set(pointers)), _warps(block_c)
+    return _source(roi_pool_kernel, constants, types, set(pointers)), roi_pool_warps(block_c)
 
 
 def source_of(spec: str):

@@ -70,10 +70,10 @@ def require_ops() -> None:
 def set_workspace_limit(num_bytes: int) -> int:
     """Set the memory budget (bytes) of the op's scratch buffers; returns the previous budget.
 
-    The CPU kernels keep each thread's column panel (about 1 MiB unless the budget is smaller),
-    their private copies of a scattered-onto image and their weight-gradient sums within it; the
-    CUDA kernels split the columns into chunks that fit it. So any batch and image size runs in
-    bounded extra memory. The default is 256 MiB.
+    The buffers are the im2col columns and the per-thread sums of the backward pass (the CPU kernels
+    keep about 1 MiB of columns per thread unless the budget is smaller); the columns are cut into
+    chunks that fit it, so any batch and image size runs in bounded extra memory. The default is
+    256 MiB.
     """
     require_ops()
     if num_bytes <= 0:

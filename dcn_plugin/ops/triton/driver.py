@@ -1,6 +1,6 @@
 """The Triton implementation of ``dcn_plugin::deform_conv`` and ``dcn_plugin::deform_conv_backward``.
 
-The algebra is the C++ CPU kernels' (``csrc/deform_conv.cpp``). The *image* is the tensor that is
+The algebra is the C++ CPU driver's (``csrc/cpu/deform_conv_driver.cpp``). The *image* is the tensor that is
 sampled (the input of the convolution, the output of the transposed one) and the *grid* holds the
 points where offset and mask are given (see :class:`dcn_plugin.ops.shapes.DeformConvShape`); the
 *dense* tensor is the one on the grid that is not sampled (grad_output of the convolution, the input
@@ -229,12 +229,8 @@ class _Needs:
 
 
 class _Backward:
-    """One call of the backward op: its buffers, the work on one chunk of columns, the gradients.
-
-    Columns and the products that make them are in the input's dtype. Sums are in the accumulation
-    dtype: weight ``(groups, C_grid / groups, rows / groups)`` (over chunks), the input gradient's
-    scatter onto the image, offset and mask ``(channels, B * L)``; the transposed op's input gradient
-    ``(C_grid, B * L)`` is one product per chunk, in the input's dtype."""
+    """One call of the backward op: its buffers (in the dtypes the module docstring gives), the work
+    on one chunk of columns, the gradients."""
 
     def __init__(self, g: DeformConvShape, need: _Needs, grad_output: Tensor, input: Tensor, weight: Tensor,
                  offset: Optional[Tensor], mask: Optional[Tensor], wide_index: Optional[bool]):

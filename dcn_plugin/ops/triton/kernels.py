@@ -260,7 +260,8 @@ COLUMN_ALIGN = 16
 # Fused multiply-adds in the interpolation and the sums, passed explicitly at every launch: Triton 3.9
 # warns when neither this nor TRITON_DEFAULT_FP_FUSION says it, and its default turns off in 3.10.
 FP_FUSION = True
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+#: The Triton type of each accumulation dtype (:func:`dcn_plugin.ops.shapes.accumulate_dtype`).
+TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def column_stride(width: int) -> int:
@@ -318,7 +319,7 @@ def sample(launch: Launch) -> None:
     if not placeholder.is_cuda and isinstance(sample_kernel, triton.runtime.jit.JITFunction):
         raise RuntimeError("dcn_plugin's Triton kernels run on CPU tensors only under Triton's interpreter: "
                            "set TRITON_INTERPRET=1 before triton is first imported")
-    acc = _TRITON_DTYPES[accumulate_dtype(placeholder.dtype)]
+    acc = TRITON_DTYPES[accumulate_dtype(placeholder.dtype)]
     stride = next((t.stride(0) for t in (launch.columns, launch.grad_columns) if t is not None), 0)
     block = block_channels(g)
     programs = (triton.cdiv(launch.width, BLOCK_COLUMNS) * partial_rows(g), g.kernel_points)

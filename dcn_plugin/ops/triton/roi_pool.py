@@ -1,23 +1,25 @@
-"""The Triton implementation of the deformable RoI pooling ops (``dcn_plugin::deform_roi_pool``,
-``dcn_plugin::deform_psroi_pool`` and their backward ops).
+"""Triton kernel of the deformable RoI pooling ops: ``dcn_plugin::deform_roi_pool`` (mmcv's
+``DeformRoIPool``), ``dcn_plugin::deform_psroi_pool`` (R-FCN's deformable PSRoIPool) and their
+backward ops.
 
-Both ops are one computation with different rules (``csrc/roi_pool.h`` describes it): the op's C++
-checks run first and build the RoI table (batch index, corner, size and samples per bin of each RoI,
-``torch.ops.dcn_plugin._deform_roi_pool_table`` / ``_deform_psroi_pool_table``, the CPU kernels'
-own); :class:`RoiPoolSpec` holds the rest of the rule, and one kernel, :func:`roi_pool_kernel`, does
-the forward pass and the backward pass, picked by constexpr flags.
+Both ops are RoIAlign with offsets and differ in a few settings (``csrc/roi_pool.h``), which
+:class:`RoiPoolSpec` holds. The op's C++ argument checks run first and return the RoI table that the
+CPU kernels use too: one row per RoI with its batch index, corner, size and samples per bin
+(``torch.ops.dcn_plugin._deform_roi_pool_table`` / ``_deform_psroi_pool_table``). One kernel,
+:func:`roi_pool_kernel`, does the forward and the backward pass, picked by constexpr flags.
 
-A program covers one bin of one RoI and a tile of ``BLOCK_C`` channels of one offset class, so the
-bin's sampling positions are scalars, computed once, and every sample is a vector load of the
-tile's channels from the input read channels-last per position-sensitive group,
-``(B, H, W, G * G, C)``. Positions and sums are in ``ACC`` (float32, float64 for double).
+A program pools one bin of one RoI for ``BLOCK_CHANNELS`` channels that share one offset (R-FCN may
+give each class its own offsets), so the bin's sampling positions are scalars, computed once, and
+each corner of a sample is one vector load of those channels from the input, read channels-last per
+position-sensitive group, ``(B, H, W, G * G, C)``. Positions and sums are in ``ACC``
+(:func:`~dcn_plugin.ops.shapes.accumulate_dtype`: float32, float64 for double).
 
-- Forward: the average of the bin's samples, stored straight into the output ``(R, C, PH, PW)``.
-- Input gradient: scattered with ``tl.atomic_add`` into a ``(B, H, W, G * G, C)`` buffer in ``ACC``
-  (RoIs overlap); under ``torch.use_deterministic_algorithms(True)`` this raises an error naming
-  the op, as the convolution's scatter does.
-- Offset gradient: each program writes its tile's partial sums, which the driver adds up over
-  tiles and over the bins of each offset part in a fixed order: deterministic.
+- Forward: the average of the bin's samples, stored into the output ``(R, C, PH, PW)``.
+- Input gradient: scattered with ``tl.atomic_add`` (RoIs overlap) into a ``(B, H, W, G * G, C)``
+  buffer in ``ACC``; under ``torch.use_deterministic_algorithms(True)`` this raises an error, as the
+  convolution's scatter does.
+- Offset gradient: each program writes its partial sum, which the driver adds up in a fixed order:
+  deterministic.
 
 These functions take the ops' arguments and work on CUDA tensors, or on CPU tensors under Triton's
 interpreter (``TRITON_INTERPRET=1``), which is how the tests check the kernel without a GPU.
@@ -33,8 +35,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..shapes import accumulate_dtype
 from .driver import alert_scatter, device_guard
-from .kernels import FP_FUSION
+from .kernels import FP_FUSION, TRITON_DTYPES
 
 #: The RoI table's columns that :func:`roi_pool_kernel` reads.
 _KERNEL_READS = ("batch", "y0", "x0", "height", "width", "grid_h", "grid_w")
@@ -54,7 +57,7 @@ def _table_columns() -> Dict[str, int]:
 #: Column index of each name in the RoI table, read once at import.
 TABLE_COLUMNS = _table_columns()
 # The table's row length and the kernel's columns, as compile-time constants of the kernel.
-_ROW = tl.constexpr(len(TABLE_COLUMNS))
+_ROW_LENGTH = tl.constexpr(len(TABLE_COLUMNS))
 _BATCH = tl.constexpr(TABLE_COLUMNS["batch"])
 _Y0 = tl.constexpr(TABLE_COLUMNS["y0"])
 _X0 = tl.constexpr(TABLE_COLUMNS["x0"])
@@ -93,45 +96,48 @@ def roi_pool_kernel(
     pooled_h, pooled_w, part_h, part_w, classes, scale,
     ALIGN: tl.constexpr, MARGIN: tl.constexpr, COUNT_VALID: tl.constexpr, HAS_OFFSET: tl.constexpr,
     FORWARD: tl.constexpr, INPUT_GRAD: tl.constexpr, OFFSET_GRAD: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
 ):
     """See the module docstring. Shapes: input ``(B, H, W, groups, C)``, table ``(R, columns)`` in
     ``ACC`` (columns as :data:`TABLE_COLUMNS`), scale ``(1,)`` in ``ACC`` (the offsets' scale),
     offset ``(R, classes, 2, part_h, part_w)``, grad_output and output ``(R, C, PH, PW)``,
     grad_input ``(B, H, W, groups, C)`` in ``ACC``, partial ``(classes * tiles, items = R * PH * PW, 2)``
     in ``ACC``."""
-    item = tl.program_id(0).to(tl.int64)  # RoI r, bin q
+    # Programs along axis 0 run over the items (RoI, bin); along axis 1 over the offset classes, then
+    # the tiles of channels within a class.
+    item = tl.program_id(0).to(tl.int64)
     class_tile = tl.program_id(1)
     bins = pooled_h * pooled_w
-    r = item // bins
-    q = item % bins
-    ph = q // pooled_w
-    pw = q % pooled_w
-    k = class_tile // tiles_per_class
-    local = (class_tile % tiles_per_class) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_ok = local < per_class
-    c = (k * per_class + local).to(tl.int64)
+    roi = item // bins
+    bin_index = item % bins
+    ph = bin_index // pooled_w
+    pw = bin_index % pooled_w
+    cls = class_tile // tiles_per_class
+    in_class = (class_tile % tiles_per_class) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_ok = in_class < per_class
+    channel = (cls * per_class + in_class).to(tl.int64)
     group = tl.minimum(ph * group_size // pooled_h, group_size - 1) * group_size + \
         tl.minimum(pw * group_size // pooled_w, group_size - 1)
     part = (ph * part_h // pooled_h) * part_w + pw * part_w // pooled_w
 
-    row = table + r * _ROW
-    batch = tl.load(row + _BATCH).to(tl.int64)
-    roi_h = tl.load(row + _HEIGHT)
-    roi_w = tl.load(row + _WIDTH)
-    grid_h = tl.load(row + _GRID_H).to(tl.int32)
-    grid_w = tl.load(row + _GRID_W).to(tl.int32)
+    table_row = table + roi * _ROW_LENGTH
+    batch = tl.load(table_row + _BATCH).to(tl.int64)
+    roi_h = tl.load(table_row + _HEIGHT)
+    roi_w = tl.load(table_row + _WIDTH)
+    grid_h = tl.load(table_row + _GRID_H).to(tl.int32)
+    grid_w = tl.load(table_row + _GRID_W).to(tl.int32)
     bin_h = roi_h / pooled_h
     bin_w = roi_w / pooled_w
-    y0 = tl.load(row + _Y0) + ph * bin_h
-    x0 = tl.load(row + _X0) + pw * bin_w
+    y0 = tl.load(table_row + _Y0) + ph * bin_h
+    x0 = tl.load(table_row + _X0) + pw * bin_w
     offset_scale = tl.load(scale)
     dx_doffset = offset_scale * roi_w
     dy_doffset = offset_scale * roi_h
     if HAS_OFFSET:
-        o = offset + (r * classes + k) * 2 * part_h * part_w + part
-        x0 += tl.load(o).to(ACC) * dx_doffset
-        y0 += tl.load(o + part_h * part_w).to(ACC) * dy_doffset
+        # the x offset of (RoI, class, part); its y offset is part_h * part_w further on
+        part_offset = offset + (roi * classes + cls) * 2 * part_h * part_w + part
+        x0 += tl.load(part_offset).to(ACC) * dx_doffset
+        y0 += tl.load(part_offset + part_h * part_w).to(ACC) * dy_doffset
     step_y = bin_h / tl.maximum(grid_h, 1)
     step_x = bin_w / tl.maximum(grid_w, 1)
 
@@ -145,53 +151,57 @@ def roi_pool_kernel(
         count = valid_y * valid_x
     else:  # mmcv: samples off the map count as zeros
         count = tl.maximum(grid_h * grid_w, 1)
-    inverse = tl.where(count > 0, 1.0 / tl.maximum(count, 1).to(ACC), 0.0)
+    inverse_count = tl.where(count > 0, 1.0 / tl.maximum(count, 1).to(ACC), 0.0)
 
     pixel_stride = groups * channels
-    plane = (batch * height * width * groups + group) * channels + c
+    plane = (batch * height * width * groups + group) * channels + channel  # at pixel (0, 0)
     if INPUT_GRAD or OFFSET_GRAD:
-        grad = tl.load(grad_output + (r * channels + c) * bins + q, mask=channel_ok, other=0.0).to(ACC)
-    value = tl.zeros((BLOCK_C,), ACC)
-    slope_x = tl.zeros((BLOCK_C,), ACC)
-    slope_y = tl.zeros((BLOCK_C,), ACC)
+        grad = tl.load(grad_output + (roi * channels + channel) * bins + bin_index, mask=channel_ok,
+                       other=0.0).to(ACC)
+    value = tl.zeros((BLOCK_CHANNELS,), ACC)
+    sum_x = tl.zeros((BLOCK_CHANNELS,), ACC)  # per channel: d (the sum of the samples) / d x
+    sum_y = tl.zeros((BLOCK_CHANNELS,), ACC)
     for iy in range(0, grid_h):
         y = y0 + (iy + ALIGN) * step_y
-        _, y_low, y_high, wy_low, wy_high, dy = _clamp_axis(y, height, MARGIN)
+        _, y_low, y_high, wy_low, wy_high, y_slope = _clamp_axis(y, height, MARGIN)
         for ix in range(0, grid_w):
             x = x0 + (ix + ALIGN) * step_x
-            _, x_low, x_high, wx_low, wx_high, dx = _clamp_axis(x, width, MARGIN)
-            # An invalid sample has weight 0 and reads inside the map: no per-sample mask (Triton's
-            # interpreter cannot combine a scalar mask with a vector one).
-            ok = channel_ok
+            _, x_low, x_high, wx_low, wx_high, x_slope = _clamp_axis(x, width, MARGIN)
+            # The sample's four corners. An invalid sample has weight 0 and reads inside the map: no
+            # per-sample mask (Triton's interpreter cannot combine a scalar mask with a vector one).
             ll = plane + (y_low * width + x_low) * pixel_stride
             lh = plane + (y_low * width + x_high) * pixel_stride
             hl = plane + (y_high * width + x_low) * pixel_stride
             hh = plane + (y_high * width + x_high) * pixel_stride
             if FORWARD or OFFSET_GRAD:
-                v_ll = tl.load(input + ll, mask=ok, other=0.0).to(ACC)
-                v_lh = tl.load(input + lh, mask=ok, other=0.0).to(ACC)
-                v_hl = tl.load(input + hl, mask=ok, other=0.0).to(ACC)
-                v_hh = tl.load(input + hh, mask=ok, other=0.0).to(ACC)
+                v_ll = tl.load(input + ll, mask=channel_ok, other=0.0).to(ACC)
+                v_lh = tl.load(input + lh, mask=channel_ok, other=0.0).to(ACC)
+                v_hl = tl.load(input + hl, mask=channel_ok, other=0.0).to(ACC)
+                v_hh = tl.load(input + hh, mask=channel_ok, other=0.0).to(ACC)
                 if FORWARD:
                     value += wy_low * (wx_low * v_ll + wx_high * v_lh)
                     value += wy_high * (wx_low * v_hl + wx_high * v_hh)
                 if OFFSET_GRAD:
-                    slope_x += dx * (wy_low * (v_lh - v_ll) + wy_high * (v_hh - v_hl))
-                    slope_y += dy * (wx_low * (v_hl - v_ll) + wx_high * (v_hh - v_lh))
+                    sum_x += x_slope * (wy_low * (v_lh - v_ll) + wy_high * (v_hh - v_hl))
+                    sum_y += y_slope * (wx_low * (v_hl - v_ll) + wx_high * (v_hh - v_lh))
             if INPUT_GRAD:
-                g = grad * inverse
+                sample_grad = grad * inverse_count
                 # relaxed: a pure scatter (see kernels.py)
-                tl.atomic_add(grad_input + ll, g * (wy_low * wx_low), mask=ok, sem="relaxed")
-                tl.atomic_add(grad_input + lh, g * (wy_low * wx_high), mask=ok, sem="relaxed")
-                tl.atomic_add(grad_input + hl, g * (wy_high * wx_low), mask=ok, sem="relaxed")
-                tl.atomic_add(grad_input + hh, g * (wy_high * wx_high), mask=ok, sem="relaxed")
+                tl.atomic_add(grad_input + ll, sample_grad * (wy_low * wx_low), mask=channel_ok,
+                              sem="relaxed")
+                tl.atomic_add(grad_input + lh, sample_grad * (wy_low * wx_high), mask=channel_ok,
+                              sem="relaxed")
+                tl.atomic_add(grad_input + hl, sample_grad * (wy_high * wx_low), mask=channel_ok,
+                              sem="relaxed")
+                tl.atomic_add(grad_input + hh, sample_grad * (wy_high * wx_high), mask=channel_ok,
+                              sem="relaxed")
     if FORWARD:
-        tl.store(output + (r * channels + c) * bins + q, (value * inverse).to(output.dtype.element_ty),
-                 mask=channel_ok)
+        tl.store(output + (roi * channels + channel) * bins + bin_index,
+                 (value * inverse_count).to(output.dtype.element_ty), mask=channel_ok)
     if OFFSET_GRAD:
         slot = partial + (class_tile * items + item) * 2
-        tl.store(slot, tl.sum(grad * slope_x, axis=0) * inverse * dx_doffset)
-        tl.store(slot + 1, tl.sum(grad * slope_y, axis=0) * inverse * dy_doffset)
+        tl.store(slot, tl.sum(grad * sum_x, axis=0) * inverse_count * dx_doffset)
+        tl.store(slot + 1, tl.sum(grad * sum_y, axis=0) * inverse_count * dy_doffset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,12 +228,12 @@ class RoiPoolSpec:
         """``(bins, parts)`` one-hot: the part of each bin; None where every bin is its own part."""
         if self.parts == self.pooled:
             return None
-        (ph, pw), (qh, qw) = self.pooled, self.parts
-        # built on the device (no copy from the host): part of bin (i, j) = (i * qh // ph) * qw + j * qw // pw
-        rows = torch.arange(ph, device=device) * qh // ph
-        cols = torch.arange(pw, device=device) * qw // pw
-        index = (rows[:, None] * qw + cols[None, :]).reshape(-1)
-        return (index[:, None] == torch.arange(qh * qw, device=device)[None, :]).to(dtype)
+        (pooled_h, pooled_w), (part_h, part_w) = self.pooled, self.parts
+        # built on the device (no copy from the host), with the kernel's rule for the part of bin (ph, pw)
+        part_rows = torch.arange(pooled_h, device=device) * part_h // pooled_h
+        part_cols = torch.arange(pooled_w, device=device) * part_w // pooled_w
+        index = (part_rows[:, None] * part_w + part_cols[None, :]).reshape(-1)
+        return (index[:, None] == torch.arange(part_h * part_w, device=device)[None, :]).to(dtype)
 
 
 def _mmcv_spec(input: Tensor, output_size: Sequence[int], gamma: float) -> RoiPoolSpec:
@@ -251,10 +261,11 @@ def _block_channels(spec: RoiPoolSpec) -> int:
     return min(64, triton.next_power_of_2(max(spec.channels // spec.classes, 1)))
 
 
-def _warps(block_c: int) -> int:
-    """Warps per program: the tile is one vector of ``block_c`` channels, one per thread, so one warp
-    up to 32 channels and two for 64 (Triton's default of 4 would leave half the threads or more idle)."""
-    return max(1, min(4, block_c // 32))
+def roi_pool_warps(channels_per_program: int) -> int:
+    """Warps per program of :func:`roi_pool_kernel`: its tile is one vector of ``channels_per_program``
+    channels, one per thread, so one warp up to 32 channels and two for 64 (Triton's default of 4
+    would leave half the threads or more idle)."""
+    return max(1, min(4, channels_per_program // 32))
 
 
 def _launch(spec: RoiPoolSpec, input_cl: Tensor, table: Tensor, offset: Optional[Tensor], *,
@@ -262,28 +273,29 @@ def _launch(spec: RoiPoolSpec, input_cl: Tensor, table: Tensor, offset: Optional
             grad_input: Optional[Tensor] = None, partial: Optional[Tensor] = None) -> None:
     """Runs :func:`roi_pool_kernel` over every bin of every RoI: the forward pass into ``output``, the
     input gradient into ``grad_input`` and the offset gradient's partial sums into ``partial``."""
-    rois, per_class = table.shape[0], spec.channels // spec.classes
-    if rois == 0 or per_class == 0:
+    roi_count, per_class = table.shape[0], spec.channels // spec.classes
+    if roi_count == 0 or per_class == 0:
         return
     if not input_cl.is_cuda and isinstance(roi_pool_kernel, triton.runtime.jit.JITFunction):
         raise RuntimeError("dcn_plugin's Triton kernels run on CPU tensors only under Triton's interpreter: "
                            "set TRITON_INTERPRET=1 before triton is first imported")
+    acc = accumulate_dtype(input_cl.dtype)  # the table's dtype: C++ builds it with the same rule
     block = _block_channels(spec)
     tiles = triton.cdiv(per_class, block)
-    batch, height, width, groups, _ = input_cl.shape
+    _, height, width, groups, _ = input_cl.shape
 
     def pointer(t):
         return input_cl if t is None else t
 
-    roi_pool_kernel[(rois * spec.bins, spec.classes * tiles)](
+    roi_pool_kernel[(roi_count * spec.bins, spec.classes * tiles)](
         input_cl, table, pointer(offset), pointer(grad_output), pointer(output), pointer(grad_input),
-        pointer(partial), rois * spec.bins, spec.channels, per_class, tiles, height, width, groups,
+        pointer(partial), roi_count * spec.bins, spec.channels, per_class, tiles, height, width, groups,
         spec.group_size, *spec.pooled, *spec.parts, spec.classes,
-        torch.full((1,), spec.offset_scale, dtype=table.dtype, device=table.device),
+        torch.full((1,), spec.offset_scale, dtype=acc, device=table.device),
         ALIGN=spec.align, MARGIN=spec.margin, COUNT_VALID=spec.count_valid, HAS_OFFSET=offset is not None,
         FORWARD=output is not None, INPUT_GRAD=grad_input is not None, OFFSET_GRAD=partial is not None,
-        ACC=tl.float64 if table.dtype == torch.float64 else tl.float32, BLOCK_C=block,
-        num_warps=_warps(block), enable_fp_fusion=FP_FUSION,
+        ACC=TRITON_DTYPES[acc], BLOCK_CHANNELS=block, num_warps=roi_pool_warps(block),
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -303,30 +315,31 @@ def _backward(spec: RoiPoolSpec, grad_output: Tensor, input: Tensor, table: Tens
         return grad_input, grad_offset
     if need_input:
         alert_scatter("the gradient of the input", op=f"{spec.op}_backward", deterministic="offset gradients")
-    rois, acc = table.shape[0], table.dtype
+    roi_count, acc = table.shape[0], accumulate_dtype(input.dtype)
     batch, _, height, width = input.shape
     groups = spec.group_size ** 2
     input_cl = _channels_last(spec, input)
     tiles = triton.cdiv(spec.channels // spec.classes, _block_channels(spec)) if spec.channels else 0
     scatter = input.new_zeros(batch, height, width, groups, spec.channels, dtype=acc) if need_input else None
-    partial = input.new_zeros(spec.classes * tiles, rois * spec.bins, 2, dtype=acc) if need_offset else None
+    partial = (input.new_zeros(spec.classes * tiles, roi_count * spec.bins, 2, dtype=acc) if need_offset
+               else None)
     with device_guard(input):
         _launch(spec, input_cl, table, None if offset is None else offset.contiguous(),
                 grad_output=grad_output.contiguous(), grad_input=scatter, partial=partial)
     if need_input:
         grad_input = scatter.permute(0, 4, 3, 1, 2).reshape(input.shape).to(input.dtype)
     if need_offset:
-        grad_offset = _offset_gradient(spec, partial, tiles, rois).to(offset.dtype)
+        grad_offset = _offset_gradient(spec, partial, tiles, roi_count).to(offset.dtype)
     return grad_input, grad_offset
 
 
-def _offset_gradient(spec: RoiPoolSpec, partial: Tensor, tiles: int, rois: int) -> Tensor:
+def _offset_gradient(spec: RoiPoolSpec, partial: Tensor, tiles: int, roi_count: int) -> Tensor:
     """Adds the kernel's partial sums ``(classes * tiles, R * bins, 2)`` up over the tiles of each
     class and the bins of each part, into ``(R, 2 * classes, *parts)``, in a fixed order."""
-    per_bin = partial.view(spec.classes, tiles, rois, spec.bins, 2).sum(1)  # (classes, R, bins, 2)
+    per_bin = partial.view(spec.classes, tiles, roi_count, spec.bins, 2).sum(1)  # (classes, R, bins, 2)
     matrix = spec.part_matrix(partial.device, partial.dtype)
     per_part = per_bin if matrix is None else torch.einsum("krbd,bp->krpd", per_bin, matrix)
-    return per_part.permute(1, 0, 3, 2).reshape(rois, 2 * spec.classes, *spec.parts).contiguous()
+    return per_part.permute(1, 0, 3, 2).reshape(roi_count, 2 * spec.classes, *spec.parts).contiguous()
 
 
 def deform_roi_pool(input: Tensor, rois: Tensor, offset: Optional[Tensor], output_size: Sequence[int],
@@ -370,4 +383,4 @@ def deform_psroi_pool_backward(grad_output: Tensor, input: Tensor, rois: Tensor,
 
 
 __all__ = ["deform_roi_pool", "deform_roi_pool_backward", "deform_psroi_pool", "deform_psroi_pool_backward",
-           "RoiPoolSpec", "TABLE_COLUMNS"]
+           "RoiPoolSpec", "TABLE_COLUMNS", "roi_pool_warps"]
