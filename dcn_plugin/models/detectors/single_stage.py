@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import copy
 
-from mmengine.model import BaseModel
 from torch import Tensor
 
 from ...registry import MODELS
+from .base import BaseDetector
 
 __all__ = ["SingleStageDetector", "FCOS"]
 
 
 @MODELS.register_module()
-class SingleStageDetector(BaseModel):
+class SingleStageDetector(BaseDetector):
     """``backbone`` -> optional ``neck`` -> ``bbox_head``.
 
     ``forward(inputs, data_samples, mode)`` with inputs (B, 3, H, W) from the data preprocessor:
@@ -27,28 +27,17 @@ class SingleStageDetector(BaseModel):
     def __init__(self, backbone: dict, bbox_head: dict, neck: dict | None = None,
                  train_cfg: dict | None = None, test_cfg: dict | None = None,
                  data_preprocessor: dict | None = None, init_cfg=None):
-        if isinstance(data_preprocessor, dict):
-            # Built from this package's registry, so no default scope is needed outside a Runner.
-            data_preprocessor = MODELS.build(copy.deepcopy(data_preprocessor))
-        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        self.backbone = MODELS.build(copy.deepcopy(backbone))
-        self.neck = MODELS.build(copy.deepcopy(neck)) if neck is not None else None
+        super().__init__(backbone, neck, data_preprocessor, init_cfg)
         bbox_head = copy.deepcopy(bbox_head)
         bbox_head.update(train_cfg=copy.deepcopy(train_cfg), test_cfg=copy.deepcopy(test_cfg))
         self.bbox_head = MODELS.build(bbox_head)
-
-    def extract_feat(self, inputs: Tensor) -> tuple[Tensor, ...]:
-        feats = self.backbone(inputs)
-        return self.neck(feats) if self.neck is not None else feats
 
     def forward(self, inputs: Tensor, data_samples: list | None = None, mode: str = "tensor"):
         if mode == "loss":
             return self.bbox_head.loss(self.extract_feat(inputs), data_samples)
         if mode == "predict":
             predictions = self.bbox_head.predict(self.extract_feat(inputs), data_samples)
-            for sample, prediction in zip(data_samples, predictions, strict=True):
-                sample.pred_instances = prediction
-            return data_samples
+            return self.add_predictions(data_samples, predictions)
         if mode == "tensor":
             return self.bbox_head(self.extract_feat(inputs))
         raise ValueError(f"{type(self).__name__}.forward: mode must be 'loss', 'predict' or 'tensor', "

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 
-from mmengine.model import BaseModel
 from torch import Tensor
 
 from ...registry import MODELS
+from .base import BaseDetector
 
 __all__ = ["TwoStageDetector", "FasterRCNN", "RFCN"]
 
@@ -17,7 +17,7 @@ def _get(cfg, key):
 
 
 @MODELS.register_module()
-class TwoStageDetector(BaseModel):
+class TwoStageDetector(BaseDetector):
     """``backbone`` -> optional ``neck`` -> ``rpn_head`` (proposals) -> ``roi_head``.
 
     ``train_cfg`` holds ``rpn`` (the RPN's assigner and sampler), ``rpn_proposal`` (how training
@@ -29,11 +29,7 @@ class TwoStageDetector(BaseModel):
     def __init__(self, backbone: dict, rpn_head: dict, roi_head: dict, neck: dict | None = None,
                  train_cfg: dict | None = None, test_cfg: dict | None = None,
                  data_preprocessor: dict | None = None, init_cfg=None):
-        if isinstance(data_preprocessor, dict):
-            data_preprocessor = MODELS.build(copy.deepcopy(data_preprocessor))
-        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        self.backbone = MODELS.build(copy.deepcopy(backbone))
-        self.neck = MODELS.build(copy.deepcopy(neck)) if neck is not None else None
+        super().__init__(backbone, neck, data_preprocessor, init_cfg)
         rpn_head = copy.deepcopy(rpn_head)
         rpn_head.update(train_cfg=_get(train_cfg, "rpn"), test_cfg=_get(test_cfg, "rpn"))
         self.rpn_head = MODELS.build(rpn_head)
@@ -42,10 +38,6 @@ class TwoStageDetector(BaseModel):
         self.roi_head = MODELS.build(roi_head)
         self.train_cfg = copy.deepcopy(train_cfg)
         self.test_cfg = copy.deepcopy(test_cfg)
-
-    def extract_feat(self, inputs: Tensor) -> tuple[Tensor, ...]:
-        feats = self.backbone(inputs)
-        return self.neck(feats) if self.neck is not None else feats
 
     def rpn_feats(self, feats: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """The feature levels the RPN sees (all of them)."""
@@ -61,10 +53,8 @@ class TwoStageDetector(BaseModel):
             return losses
         if mode == "predict":
             proposals = self.rpn_head.predict(self.rpn_feats(feats), data_samples)
-            predictions = self.roi_head.predict(feats, proposals, data_samples, rescale=True)
-            for sample, prediction in zip(data_samples, predictions, strict=True):
-                sample.pred_instances = prediction
-            return data_samples
+            return self.add_predictions(data_samples,
+                                        self.roi_head.predict(feats, proposals, data_samples, rescale=True))
         if mode == "tensor":
             rpn_outs = self.rpn_head(self.rpn_feats(feats))
             metainfos = [s.metainfo for s in data_samples] if data_samples else [
