@@ -93,6 +93,10 @@ CASES = {
     "psroi-no-offset": PSROI.replace(offset=False, sample_per_part=3),
     "psroi-parts-finer": PSROI.replace(pooled_size=2, part_size=3, group_size=1, sample_per_part=1),
     "psroi-per-class": PSROI.replace(channels=3, classes=3, group_size=2, pooled_size=4, part_size=2),
+    # One offset part across all four position-sensitive groups; many channels over one image, split
+    # into blocks: the CPU backward computes the offset gradient in a pass of its own for both.
+    "psroi-part-across-groups": PSROI.replace(group_size=2, pooled_size=4, part_size=1),
+    "roi-channel-blocks": ROI.replace(batch=1, channels=40),
 }
 
 
@@ -383,6 +387,21 @@ def test_backward_op_output_mask(device, kind, output_mask):
         else:
             assert grad.shape == (0,), name
     torch.library.opcheck(case.backward_op.default, args)
+
+
+@pytest.mark.parametrize("name", ["roi", "psroi", "roi-channel-blocks", "psroi-part-across-groups"])
+def test_offset_gradient_alone_or_with_input_gradient(name):
+    """The CPU backward adds the offset gradient in the input gradient's pass where no two tasks
+    share an offset, and in a pass of its own otherwise: asked alone or with the input gradient, the
+    offset gradient is bitwise the same."""
+    case = CASES[name]
+    t = make_roi_tensors(case, rois=12, dtype=torch.float32, seed=5)
+    grad_output = torch.randn(12, case.channels, *case.pooled, generator=torch.Generator().manual_seed(1))
+    args = (grad_output, t["input"], t["rois"], t["offset"], *case.params())
+    both = case.backward_op(*args, [True, True])
+    alone = case.backward_op(*args, [False, True])
+    assert torch.equal(both[1], alone[1])
+    assert torch.equal(both[0], case.backward_op(*args, [True, False])[0])
 
 
 def test_compile_fullgraph(device):
