@@ -142,6 +142,26 @@ def test_onnxruntime_detector_predicts_like_the_model(exported):
         detector(inputs, None, mode="loss")
 
 
+def test_fixed_batch_model_on_a_batch_that_is_not_a_multiple(tmp_path):
+    """A model exported for batches of 2 runs 3 images: two chunks, the second padded and its padding
+    dropped; the detections are the model's."""
+    model = build_detector()
+    path = str(tmp_path / "batch2.onnx")
+    export_detector(model, *example(2), path)
+    detector = ONNXRuntimeDetector(path, data_preprocessor=Config.fromfile(CONFIG).model.data_preprocessor,
+                                   num_threads=1)
+    assert detector.input_shape[0] == 2
+    inputs, img_shapes, scale_factors = example(3, seed=3)
+    got = detector(inputs, samples_for(img_shapes, scale_factors))
+    with torch.no_grad():
+        want = model(inputs, samples_for(img_shapes, scale_factors), mode="predict")
+    assert len(got) == 3
+    for a, b in zip(got, want, strict=True):
+        a, b = a.pred_instances, b.pred_instances
+        assert len(a) == len(b) > 50 and torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(a.bboxes, b.bboxes, rtol=0, atol=1e-3)
+
+
 def test_dynamic_batch_needs_two_example_images():
     with pytest.raises(ValueError, match="at least 2 images"):
         export_detector(build_detector(), *example(1), dynamic_batch=True)

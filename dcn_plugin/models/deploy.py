@@ -126,7 +126,8 @@ class ONNXRuntimeDetector(BaseModel):
         num_threads: onnxruntime's intra-op threads (None: its default).
 
     ``forward(inputs, data_samples, mode='predict')`` sets ``pred_instances`` on the samples.
-    A model exported with a fixed batch size is run on chunks of that size.
+    A model exported with a fixed batch size is run on chunks of that size; the last chunk is
+    padded to it with copies of its last image, whose detections are dropped.
     """
 
     def __init__(self, onnx_file: str, data_preprocessor: dict | nn.Module | None = None,
@@ -160,9 +161,13 @@ class ONNXRuntimeDetector(BaseModel):
         batch = self.input_shape[0] if isinstance(self.input_shape[0], int) else inputs.shape[0]
         chunks = []
         for start in range(0, inputs.shape[0], max(batch, 1)):
-            feed = {name: t[start:start + batch].detach().cpu().float().numpy()
-                    for name, t in zip(INPUT_NAMES, (inputs, img_shapes, scale_factors), strict=True)}
-            chunks.append([torch.from_numpy(a) for a in self.session.run(list(OUTPUT_NAMES), feed)])
+            chunk = [t[start:start + batch].detach().cpu().float()
+                     for t in (inputs, img_shapes, scale_factors)]
+            count = chunk[0].shape[0]
+            if count < batch:  # the last chunk for a fixed-batch model: padded with its last image
+                chunk = [torch.cat([t, t[-1:].expand(batch - count, *t.shape[1:])]) for t in chunk]
+            feed = {name: t.numpy() for name, t in zip(INPUT_NAMES, chunk, strict=True)}
+            chunks.append([torch.from_numpy(a)[:count] for a in self.session.run(list(OUTPUT_NAMES), feed)])
         return tuple(torch.cat(parts) for parts in zip(*chunks, strict=True))
 
     def _check_size(self, inputs: Tensor) -> None:
