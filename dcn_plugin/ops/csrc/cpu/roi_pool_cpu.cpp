@@ -157,8 +157,29 @@ struct Tap {
   acc_t weight;
 };
 
-// Classes with at least this many channels are summed vectorised over channels.
-constexpr int64_t kWideClass = 16;
+// dst[c] += sum over taps of weight * src[pixel * stride + c], c < channels, each channel summed in
+// tap order. The sums run in registers, kLanes channels at a time (independent sums the compiler
+// vectorises), rather than as a load and store of dst per tap.
+template <typename acc_t>
+void sum_taps(const std::vector<Tap<acc_t>>& taps, const acc_t* __restrict src, int64_t stride, int64_t channels,
+              acc_t* __restrict dst) {
+  constexpr int64_t kLanes = 8;
+  int64_t c = 0;
+  for (; c + kLanes <= channels; c += kLanes) {
+    acc_t sums[kLanes];
+    for (int64_t lane = 0; lane < kLanes; ++lane) sums[lane] = dst[c + lane];
+    for (const Tap<acc_t>& tap : taps) {
+      const acc_t* __restrict row = src + tap.pixel * stride + c;
+      for (int64_t lane = 0; lane < kLanes; ++lane) sums[lane] += tap.weight * row[lane];
+    }
+    for (int64_t lane = 0; lane < kLanes; ++lane) dst[c + lane] = sums[lane];
+  }
+  for (; c < channels; ++c) {
+    acc_t sum = dst[c];
+    for (const Tap<acc_t>& tap : taps) sum += tap.weight * src[tap.pixel * stride + c];
+    dst[c] = sum;
+  }
+}
 
 // rows[i][c - c0] = grad[c][bin_list[i]] for one RoI's (C, bins) gradient, channels [c0, c1). Reads
 // in memory order (the gradient comes from memory; rows stays in cache).
@@ -198,20 +219,7 @@ void forward_kernel(const RoiPoolData<acc_t>& data, acc_t* out) {
           }
           const acc_t* __restrict src = data.at(data.input, g.batch, 0, group) + cls * per_class;
           acc_t* __restrict dst = rows.data() + bin_index * p.channels + cls * per_class;
-          if (per_class >= kWideClass) {
-            for (const Tap<acc_t>& tap : taps) {
-              const acc_t* __restrict row = src + tap.pixel * data.pixel_stride;
-              for (int64_t c = 0; c < per_class; ++c) dst[c] += tap.weight * row[c];
-            }
-          } else {
-            // Few channels per class (R-FCN's class maps): a running sum in a register per channel,
-            // not a load and store of dst per tap. The same sums in the same order.
-            for (int64_t c = 0; c < per_class; ++c) {
-              acc_t sum = dst[c];
-              for (const Tap<acc_t>& tap : taps) sum += tap.weight * src[tap.pixel * data.pixel_stride + c];
-              dst[c] = sum;
-            }
-          }
+          sum_taps(taps, src, data.pixel_stride, per_class, dst);
           for (int64_t c = 0; c < per_class; ++c) dst[c] *= bin.inverse_count;
         }
       }
