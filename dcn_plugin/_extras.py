@@ -8,7 +8,7 @@ The parts of the package and what each needs (pyproject's extras name the pip pa
 - the detector (``dcn_plugin.models``, ``datasets``, ``evaluation``, ``tools/``): the ``mmlab``
   extra, i.e. mmcv (mmcv-lite or mmcv-full), OpenCV and pycocotools;
 - ``dcn_plugin.export`` (ONNX export): the ``deploy`` extra, i.e. onnx and onnxscript, plus
-  onnxruntime to run the exported models.
+  onnxruntime or OpenVINO to run the exported models.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ _PIP_NAMES = {
     "onnx": "onnx",
     "onnxscript": "onnxscript",
     "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
 }
 DETECTOR_MODULES = ("mmcv", "cv2", "pycocotools")
 DEPLOY_MODULES = ("onnx", "onnxscript")

@@ -18,6 +18,7 @@ _INSTALL = {
     "onnx": "pip install onnx (the deploy extra)",
     "onnxscript": "pip install onnxscript (the deploy extra)",
     "onnxruntime": "pip install onnxruntime==1.32.0 (the deploy extra)",
+    "openvino": "pip install openvino==2026.4.1 (the deploy extra)",
 }
 
 
@@ -36,10 +37,10 @@ def require(*modules: str) -> None:
 
 
 def require_detector() -> None:
-    """The detector's rooms need mmengine plus the mmlab extra."""
+    """The detector needs mmengine plus the mmlab extra."""
     require("mmengine", "mmcv.cnn", "cv2", "pycocotools")
 
 
 def require_deploy() -> None:
-    """ONNX export and onnxruntime: the deploy extra."""
-    require("onnx", "onnxscript", "onnxruntime")
+    """ONNX export, onnxruntime and OpenVINO: the deploy extra."""
+    require("onnx", "onnxscript", "onnxruntime", "openvino")

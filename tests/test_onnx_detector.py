@@ -29,7 +29,12 @@ from mmengine.config import Config  # noqa: E402
 import dcn_plugin.models  # noqa: E402,F401
 from dcn_plugin.export import inference_session  # noqa: E402
 from dcn_plugin.models.bbox import multiclass_nms  # noqa: E402
-from dcn_plugin.models.deploy import DetectorExport, ONNXRuntimeDetector, export_detector  # noqa: E402
+from dcn_plugin.models.deploy import (  # noqa: E402
+    DetectorExport,
+    ONNXRuntimeDetector,
+    OpenVINODetector,
+    export_detector,
+)
 from dcn_plugin.registry import MODELS  # noqa: E402
 from dcn_plugin.structures import DetDataSample  # noqa: E402
 
@@ -162,6 +167,27 @@ def test_fixed_batch_model_on_a_batch_that_is_not_a_multiple(tmp_path):
         torch.testing.assert_close(a.bboxes, b.bboxes, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("batch", [2, None])
+def test_openvino_detector_predicts_like_the_model(exported, tmp_path, batch):
+    """OpenVINO runs the file written for onnxruntime (dynamic batch, and a fixed batch of 2 on 3
+    images) and detects as the model does."""
+    model, path, _ = exported
+    if batch is not None:
+        path = str(tmp_path / "batch2.onnx")
+        export_detector(model, *example(batch), path)
+    detector = OpenVINODetector(path, data_preprocessor=Config.fromfile(CONFIG).model.data_preprocessor,
+                                num_threads=1)
+    inputs, img_shapes, scale_factors = example(3, seed=4)
+    got = detector(inputs, samples_for(img_shapes, scale_factors))
+    with torch.no_grad():
+        want = model(inputs, samples_for(img_shapes, scale_factors), mode="predict")
+    for a, b in zip(got, want, strict=True):
+        a, b = a.pred_instances, b.pred_instances
+        assert len(a) == len(b) > 50 and torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(a.bboxes, b.bboxes, rtol=0, atol=1e-3)
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+
+
 def test_dynamic_batch_needs_two_example_images():
     with pytest.raises(ValueError, match="at least 2 images"):
         export_detector(build_detector(), *example(1), dynamic_batch=True)
@@ -196,24 +222,31 @@ def test_export_tool_check_and_test_py_on_the_onnx_model(tmp_path):
                "--cfg-options", *TINY], tmp_path)
     assert re.search(r"wrote .*detector\.onnx .*dynamic: batch, height, width\): DeformConv x12, Conv x\d+, "
                      r"NonMaxSuppression x1", out), out
-    check = re.search(r"check on 4 test images \((\d+) PyTorch detections\).*largest difference: boxes (\S+) "
-                      r"px, scores (\S+); images with different detection counts: 0", out, re.S)
-    assert check and int(check[1]) >= 4 * 50 and float(check[2]) <= 1e-3 and float(check[3]) <= 1e-5, out
-    assert re.search(r"latency per image: PyTorch eager [\d.]+ ms, onnxruntime [\d.]+ ms", out), out
+    detections = re.search(r"check on 4 test images \((\d+) PyTorch detections\)", out)
+    assert detections and int(detections[1]) >= 4 * 50, out
+    for runtime in ("onnxruntime", "openvino"):
+        check = re.search(rf"{runtime}: largest difference: boxes (\S+) px, scores (\S+); images with "
+                          r"different detection counts: 0", out)
+        assert check and float(check[1]) <= 1e-3 and float(check[2]) <= 1e-5, out
+    assert re.search(r"latency per image: PyTorch eager [\d.]+ ms, onnxruntime [\d.]+ ms \([\d.]+x\), "
+                     r"openvino [\d.]+ ms", out), out
     assert not osp.exists(f"{onnx_file}.data")  # one self-contained file
 
     metrics, predictions = {}, {}
-    for name, model in (("pytorch", checkpoint), ("onnxruntime", onnx_file)):
-        log = run(["tools/test.py", CONFIG, str(model), "--work-dir", str(tmp_path / name),
+    backends = ["pytorch", "onnxruntime", "openvino"]
+    for name in backends:
+        model = checkpoint if name == "pytorch" else onnx_file
+        log = run(["tools/test.py", CONFIG, str(model), "--backend", name, "--work-dir", str(tmp_path / name),
                    "--out", str(tmp_path / f"{name}.pkl"), "--cfg-options", *TINY], tmp_path)
         metrics[name] = re.search(r"coco/bbox_mAP: (\S+)\s+coco/bbox_mAP_50: (\S+)", log).groups()
         with open(tmp_path / f"{name}.pkl", "rb") as f:
             predictions[name] = pickle.load(f)
-    assert metrics["pytorch"] == metrics["onnxruntime"]
-    assert len(predictions["pytorch"]) == len(predictions["onnxruntime"]) == 6
-    for a, b in zip(predictions["pytorch"], predictions["onnxruntime"], strict=True):
-        a, b = a["pred_instances"], b["pred_instances"]
-        assert a["bboxes"].max() <= 64  # in the pixels of the 64x64 originals
-        assert torch.equal(a["labels"], b["labels"]) and len(a["labels"]) > 50
-        torch.testing.assert_close(a["bboxes"], b["bboxes"], rtol=0, atol=1e-3)
-        torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-5)
+    for name in backends[1:]:
+        assert metrics[name] == metrics["pytorch"], name
+        assert len(predictions[name]) == len(predictions["pytorch"]) == 6
+        for a, b in zip(predictions["pytorch"], predictions[name], strict=True):
+            a, b = a["pred_instances"], b["pred_instances"]
+            assert a["bboxes"].max() <= 64  # in the pixels of the 64x64 originals
+            assert torch.equal(a["labels"], b["labels"]) and len(a["labels"]) > 50, name
+            torch.testing.assert_close(a["bboxes"], b["bboxes"], rtol=0, atol=1e-3, msg=name)
+            torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-5, msg=name)

@@ -21,8 +21,9 @@ fi
 # OpenMMLab side: mmengine plus the pure-Python mmcv (no compiled ops, no torch of its own), and
 # pycocotools for COCO mAP.
 python -m pip install -q mmengine==0.10.7 mmcv-lite==2.2.0 pycocotools
-# Deployment (the deploy extra): ONNX export and onnxruntime, exact pins (none of them pulls torch).
-python -m pip install -q onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
+# Deployment (the deploy extra): ONNX export, onnxruntime and OpenVINO, exact pins (none of them
+# pulls torch).
+python -m pip install -q onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 openvino==2026.4.1
 # The compiled ops are rebuilt only when their sources, the build script or torch changed since this
 # tree's last build (the stamp records them), or when dcn_plugin does not import from this tree.
 stamp=build/.dcn_plugin-build-stamp

@@ -1,4 +1,4 @@
-"""The detector as an ONNX model, and an mmengine model that runs one in onnxruntime.
+"""The detector as an ONNX model, and mmengine models that run one in onnxruntime or OpenVINO.
 
 Exporting and running need the ``deploy`` extra (onnx, onnxscript, onnxruntime) on top of the
 detector's ``mmlab`` extra; this module imports them only when used.
@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from ..registry import MODELS
 from ..structures import batch_geometry, instances_from_batch
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "DetectorExport", "ONNXRuntimeDetector", "export_detector",
-           "nms_translation_table"]
+__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "DetectorExport", "ExportedDetector", "ONNXRuntimeDetector",
+           "OpenVINODetector", "export_detector", "nms_translation_table"]
 
 INPUT_NAMES = ("inputs", "img_shapes", "scale_factors")
 OUTPUT_NAMES = ("boxes", "scores", "labels")
@@ -115,39 +115,39 @@ def export_detector(detector: nn.Module, inputs: Tensor, img_shapes: Tensor, sca
                            external_data=external_data)
 
 
-@MODELS.register_module()
-class ONNXRuntimeDetector(BaseModel):
-    """An exported detector run by onnxruntime behind mmengine's model interface, so that
+class ExportedDetector(BaseModel):
+    """An exported detector run by a runtime behind mmengine's model interface, so that
     ``tools/test.py CONFIG MODEL.onnx`` evaluates it exactly as it evaluates the PyTorch model.
-
-    Args:
-        onnx_file: the model written by :func:`export_detector` (``tools/deploy/export_onnx.py``).
-        data_preprocessor: the config's data preprocessor (the graph starts after it).
-        num_threads: onnxruntime's intra-op threads (None: its default).
 
     ``forward(inputs, data_samples, mode='predict')`` sets ``pred_instances`` on the samples.
     A model exported with a fixed batch size is run on chunks of that size; the last chunk is
-    padded to it with copies of its last image, whose detections are dropped.
+    padded to it with copies of its last image, whose detections are dropped. Subclasses load the
+    file (setting ``input_names`` and ``input_shape``, ints where static) and run one chunk.
     """
 
+    input_names: tuple
+    input_shape: list
+
     def __init__(self, onnx_file: str, data_preprocessor: dict | nn.Module | None = None,
-                 num_threads: int | None = None, init_cfg=None) -> None:
+                 init_cfg=None) -> None:
         if isinstance(data_preprocessor, dict):
             data_preprocessor = MODELS.build(copy.deepcopy(data_preprocessor))
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        from ..export import inference_session
-
         self.onnx_file = onnx_file
-        self.session = inference_session(onnx_file, num_threads)
-        names = tuple(i.name for i in self.session.get_inputs())
-        if names != INPUT_NAMES:
-            raise ValueError(f"ONNXRuntimeDetector: {onnx_file!r} has inputs {names}, expected {INPUT_NAMES} "
-                             "(a model written by tools/deploy/export_onnx.py)")
-        self.input_shape = self.session.get_inputs()[0].shape  # ints where static
+
+    def _check_inputs(self) -> None:
+        if tuple(self.input_names) != INPUT_NAMES:
+            raise ValueError(f"{type(self).__name__}: {self.onnx_file!r} has inputs "
+                             f"{tuple(self.input_names)}, expected {INPUT_NAMES} (a model written by "
+                             "tools/deploy/export_onnx.py)")
+
+    def _run_chunk(self, feed: dict) -> list:
+        """The outputs (numpy arrays, in OUTPUT_NAMES order) for one chunk of numpy inputs."""
+        raise NotImplementedError
 
     def forward(self, inputs: Tensor, data_samples: Sequence | None = None, mode: str = "predict"):
         if mode != "predict" or data_samples is None:
-            raise ValueError("ONNXRuntimeDetector.forward: only mode='predict' with data_samples is "
+            raise ValueError(f"{type(self).__name__}.forward: only mode='predict' with data_samples is "
                              f"supported, got mode={mode!r}")
         img_shapes, scale_factors = batch_geometry([s.metainfo for s in data_samples])
         detections = self.run(inputs, img_shapes, scale_factors)
@@ -167,13 +167,66 @@ class ONNXRuntimeDetector(BaseModel):
             if count < batch:  # the last chunk for a fixed-batch model: padded with its last image
                 chunk = [torch.cat([t, t[-1:].expand(batch - count, *t.shape[1:])]) for t in chunk]
             feed = {name: t.numpy() for name, t in zip(INPUT_NAMES, chunk, strict=True)}
-            chunks.append([torch.from_numpy(a)[:count] for a in self.session.run(list(OUTPUT_NAMES), feed)])
+            chunks.append([torch.from_numpy(a)[:count] for a in self._run_chunk(feed)])
         return tuple(torch.cat(parts) for parts in zip(*chunks, strict=True))
 
     def _check_size(self, inputs: Tensor) -> None:
         for dim, name in ((2, "height"), (3, "width")):
             want = self.input_shape[dim]
             if isinstance(want, int) and inputs.shape[dim] != want:
-                raise ValueError(f"ONNXRuntimeDetector: {self.onnx_file!r} was exported for inputs of {name} "
-                                 f"{want}, got a batch of shape {tuple(inputs.shape)}; export with "
+                raise ValueError(f"{type(self).__name__}: {self.onnx_file!r} was exported for inputs of "
+                                 f"{name} {want}, got a batch of shape {tuple(inputs.shape)}; export with "
                                  "--dynamic-shape for inputs of any size")
+
+
+@MODELS.register_module()
+class ONNXRuntimeDetector(ExportedDetector):
+    """An exported detector run by onnxruntime (see :class:`ExportedDetector`).
+
+    Args:
+        onnx_file: the model written by :func:`export_detector` (``tools/deploy/export_onnx.py``).
+        data_preprocessor: the config's data preprocessor (the graph starts after it).
+        num_threads: onnxruntime's intra-op threads (None: its default).
+    """
+
+    def __init__(self, onnx_file: str, data_preprocessor: dict | nn.Module | None = None,
+                 num_threads: int | None = None, init_cfg=None) -> None:
+        super().__init__(onnx_file, data_preprocessor, init_cfg)
+        from ..export import inference_session
+
+        self.session = inference_session(onnx_file, num_threads)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self._check_inputs()
+        self.input_shape = self.session.get_inputs()[0].shape  # ints where static
+
+    def _run_chunk(self, feed: dict) -> list:
+        return self.session.run(list(OUTPUT_NAMES), feed)
+
+
+@MODELS.register_module()
+class OpenVINODetector(ExportedDetector):
+    """An exported detector run by OpenVINO on the CPU, in float32, its ``DeformConv`` nodes as
+    OpenVINO's ``DeformableConvolution`` (:mod:`dcn_plugin.export.openvino`): the same ``.onnx``
+    file as for onnxruntime.
+
+    Args:
+        onnx_file: the model written by :func:`export_detector` (``tools/deploy/export_onnx.py``).
+        data_preprocessor: the config's data preprocessor (the graph starts after it).
+        num_threads: OpenVINO's inference threads (None: its default).
+    """
+
+    def __init__(self, onnx_file: str, data_preprocessor: dict | nn.Module | None = None,
+                 num_threads: int | None = None, init_cfg=None) -> None:
+        super().__init__(onnx_file, data_preprocessor, init_cfg)
+        from ..export.openvino import compile_model
+
+        self.compiled = compile_model(onnx_file, num_threads)
+        self.input_names = tuple(port.get_any_name() for port in self.compiled.inputs)
+        self._check_inputs()
+        self.input_shape = [dim.get_length() if dim.is_static else None
+                            for dim in self.compiled.inputs[0].get_partial_shape()]
+        self._outputs = [self.compiled.output(name) for name in OUTPUT_NAMES]
+
+    def _run_chunk(self, feed: dict) -> list:
+        result = self.compiled(feed)
+        return [result[port] for port in self._outputs]

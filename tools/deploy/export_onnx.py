@@ -9,10 +9,10 @@ outputs ``boxes``, ``scores``, ``labels``: see ``dcn_plugin.models.deploy``). Th
 is the first images of the config's test split; without ``--dynamic-batch`` / ``--dynamic-shape``
 the model takes batches of ``--batch-size`` images of that size.
 
-``--check`` runs PyTorch (eager) and onnxruntime on the first ``--num-images`` test images, in this
-process and with ``--threads`` threads each, and prints the largest difference between their
-detections and both latencies. Evaluate the exported model with
-``python tools/test.py CONFIG FILE``.
+``--check`` runs PyTorch (eager), onnxruntime and OpenVINO on the first ``--num-images`` test
+images, in this process and with ``--threads`` threads each, and prints the largest difference
+between each runtime's detections and PyTorch's, and the three latencies. Evaluate the exported
+model with ``python tools/test.py CONFIG FILE [--backend openvino]``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from dcn_plugin.engine import mmengine_safe_loading
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Export a detector to ONNX and check it in onnxruntime")
+    parser = argparse.ArgumentParser(description="Export a detector to ONNX and check it in onnxruntime and "
+                                                 "OpenVINO")
     parser.add_argument("config", help="config file path")
     parser.add_argument("checkpoint", help="checkpoint file (.pth)")
     parser.add_argument("--out", required=True, help="the ONNX file to write")
@@ -42,12 +43,12 @@ def parse_args(argv=None):
     parser.add_argument("--dynamic-batch", action="store_true", help="accept any batch size")
     parser.add_argument("--dynamic-shape", action="store_true", help="accept any batch and input size")
     parser.add_argument("--check", action="store_true",
-                        help="compare onnxruntime with PyTorch on test images and time both")
+                        help="compare onnxruntime and OpenVINO with PyTorch on test images, and time them")
     parser.add_argument("--num-images", type=int, default=32, help="test images for --check")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images per batch (of the export without --dynamic-batch, and of --check)")
     parser.add_argument("--threads", type=int, default=2,
-                        help="threads of PyTorch and onnxruntime in --check")
+                        help="threads of PyTorch, onnxruntime and OpenVINO in --check")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config settings")
     return parser.parse_args(argv)
 
@@ -130,39 +131,53 @@ def latencies(functions: dict, batches: list, rounds: int = 3) -> dict:
 
 
 def check(model, path: str, batches: list, threads: int) -> dict:
-    """Compares onnxruntime with PyTorch on ``batches`` and times both; prints and returns the numbers."""
+    """Compares onnxruntime and OpenVINO with PyTorch on ``batches`` and times the three; prints and
+    returns the numbers."""
     from dcn_plugin.export import inference_session
-    from dcn_plugin.models.deploy import INPUT_NAMES, DetectorExport
+    from dcn_plugin.export.openvino import compile_model
+    from dcn_plugin.models.deploy import INPUT_NAMES, OUTPUT_NAMES, DetectorExport
 
     torch.set_num_threads(threads)
     session = inference_session(path, threads)
+    compiled = compile_model(path, threads)
+    ov_outputs = [compiled.output(name) for name in OUTPUT_NAMES]
     pytorch = DetectorExport(model).eval()
+
+    def feed(inputs) -> dict:
+        return {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs, strict=True)}
 
     def run_pytorch(*inputs):
         with torch.no_grad():
             return pytorch(*inputs)
 
-    def run_onnx(*inputs):
-        feed = {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs, strict=True)}
-        return tuple(torch.from_numpy(a) for a in session.run(None, feed))
+    def run_onnxruntime(*inputs):
+        return tuple(torch.from_numpy(a) for a in session.run(list(OUTPUT_NAMES), feed(inputs)))
 
-    box_error = score_error = 0.0
-    mismatches = detections = 0
+    def run_openvino(*inputs):
+        result = compiled(feed(inputs))
+        return tuple(torch.from_numpy(result[port]) for port in ov_outputs)
+
+    runtimes = dict(onnxruntime=run_onnxruntime, openvino=run_openvino)
+    differences = {name: dict(box_error=0.0, score_error=0.0, count_mismatches=0) for name in runtimes}
+    detections = 0
     for batch in batches:
-        reference, exported = run_pytorch(*batch), run_onnx(*batch)
-        box, score, count = detection_differences(reference, exported)
-        box_error, score_error = max(box_error, box), max(score_error, score)
-        mismatches += count
+        reference = run_pytorch(*batch)
         detections += int((reference[2] >= 0).sum())
-    times = latencies(dict(pytorch_ms=run_pytorch, onnxruntime_ms=run_onnx), batches)
-    result = dict(images=sum(b[0].shape[0] for b in batches), detections=detections, box_error=box_error,
-                  score_error=score_error, count_mismatches=mismatches, **times)
+        for name, run in runtimes.items():
+            box, score, count = detection_differences(reference, run(*batch))
+            d = differences[name]
+            d.update(box_error=max(d["box_error"], box), score_error=max(d["score_error"], score),
+                     count_mismatches=d["count_mismatches"] + count)
+    times = latencies(dict(pytorch=run_pytorch, **runtimes), batches)
+    result = dict(images=sum(b[0].shape[0] for b in batches), detections=detections, differences=differences,
+                  latency_ms=times)
     print(f"check on {result['images']} test images ({detections} PyTorch detections), batch "
-          f"{batches[0][0].shape[0]}, {threads} threads:\n"
-          f"  largest difference: boxes {box_error:.3g} px, scores {score_error:.3g}; images with different "
-          f"detection counts: {mismatches}\n"
-          f"  latency per image: PyTorch eager {result['pytorch_ms']:.1f} ms, onnxruntime "
-          f"{result['onnxruntime_ms']:.1f} ms ({result['pytorch_ms'] / result['onnxruntime_ms']:.2f}x)")
+          f"{batches[0][0].shape[0]}, {threads} threads:")
+    for name, d in differences.items():
+        print(f"  {name}: largest difference: boxes {d['box_error']:.3g} px, scores {d['score_error']:.3g}; "
+              f"images with different detection counts: {d['count_mismatches']}")
+    speeds = [f"{name} {times[name]:.1f} ms ({times['pytorch'] / times[name]:.2f}x)" for name in runtimes]
+    print(f"  latency per image: PyTorch eager {times['pytorch']:.1f} ms, " + ", ".join(speeds))
     return result
 
 
