@@ -274,3 +274,24 @@ def roi_forward_backward(run, case: RoiCase, tensors: Dict[str, Optional[Tensor]
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     out.backward(grad.to(out.device, out.dtype))
     return out.detach(), {k: t.grad for k, t in leaves.items() if t is not None and k != "rois"}
+
+
+# Cases of both ops the tests share: inside the map, adaptive sampling, no offset, per-class offsets,
+# parts finer and coarser than bins, channel blocks.
+ROI = RoiCase("roi")
+PSROI = RoiCase("psroi")
+ROI_CASES = {
+    "roi": ROI,
+    "roi-adaptive": ROI.replace(sampling_ratio=0, size=(9, 11), spatial_scale=0.75),
+    "roi-no-offset": ROI.replace(offset=False, output_size=(2, 3), sampling_ratio=3),
+    "roi-square-7x7": ROI.replace(output_size=(7, 7), channels=2, sampling_ratio=1, gamma=0.1),
+    "psroi": PSROI,
+    "psroi-classes": PSROI.replace(channels=4, classes=2, group_size=3, pooled_size=3, part_size=3),
+    "psroi-no-offset": PSROI.replace(offset=False, sample_per_part=3),
+    "psroi-parts-finer": PSROI.replace(pooled_size=2, part_size=3, group_size=1, sample_per_part=1),
+    "psroi-per-class": PSROI.replace(channels=3, classes=3, group_size=2, pooled_size=4, part_size=2),
+    # One offset part across all four position-sensitive groups; many channels over one image, split
+    # into blocks: the CPU backward computes the offset gradient in a pass of its own for both.
+    "psroi-part-across-groups": PSROI.replace(group_size=2, pooled_size=4, part_size=1),
+    "roi-channel-blocks": ROI.replace(batch=1, channels=40),
+}

@@ -1,4 +1,5 @@
-"""Translation of ``dcn_plugin::deform_conv`` to standard ONNX ops, for ``torch.onnx.export(dynamo=True)``.
+"""Translation of ``dcn_plugin::deform_conv`` to standard ONNX ops, for ``torch.onnx.export(dynamo=True)``
+(the RoI pooling ops: :mod:`._roi_pool`).
 
 What one call of the op becomes:
 
@@ -37,7 +38,7 @@ from onnxscript import ir
 
 from ..ops._library import require_ops
 from ..ops.shapes import DeformConvShape
-from . import _decomposition
+from . import _decomposition, _roi_pool
 from ._graph import ints, repeat_groups, zeros
 
 __all__ = [
@@ -183,7 +184,8 @@ def _translation(opset_version: int, decompose: bool) -> Callable:
 
 
 def onnx_translation_table(opset_version: int = DEFAULT_OPSET, *, decompose: bool = False) -> Dict:
-    """``{torch.ops.dcn_plugin.deform_conv.default: translation}`` for ``torch.onnx.export``'s
+    """``{op: translation}`` for ``dcn_plugin::deform_conv`` and the RoI pooling ops
+    (``deform_roi_pool``, ``deform_psroi_pool``: :mod:`._roi_pool`), for ``torch.onnx.export``'s
     ``custom_translation_table`` (``dynamo=True``).
 
     Args:
@@ -194,7 +196,22 @@ def onnx_translation_table(opset_version: int = DEFAULT_OPSET, *, decompose: boo
             (for runtimes without ``DeformConv``; slower).
     """
     require_ops()
-    return {torch.ops.dcn_plugin.deform_conv.default: _translation(opset_version, bool(decompose))}
+    op = onnxscript_opset(opset_version)
+
+    def dcn_plugin_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma):
+        return _roi_pool.deform_roi_pool(op, input, rois, offset, output_size, spatial_scale, sampling_ratio,
+                                         gamma, _roi_error)
+
+    def dcn_plugin_deform_psroi_pool(input, rois, offset, *params):
+        return _roi_pool.deform_psroi_pool(op, input, rois, offset, *params)
+
+    return {torch.ops.dcn_plugin.deform_conv.default: _translation(opset_version, bool(decompose)),
+            torch.ops.dcn_plugin.deform_roi_pool.default: dcn_plugin_deform_roi_pool,
+            torch.ops.dcn_plugin.deform_psroi_pool.default: dcn_plugin_deform_psroi_pool}
+
+
+def _roi_error(problem: str) -> DeformConvExportError:
+    return DeformConvExportError(f"dcn_plugin::deform_roi_pool: {problem}")
 
 
 def _our_error(exc: BaseException) -> Optional[DeformConvExportError]:
