@@ -1,9 +1,10 @@
-"""The quick-start DCNv2 detector exported to ONNX and run in onnxruntime.
+"""The quick-start DCNv2 detector exported to ONNX and run in onnxruntime and OpenVINO.
 
 - ``multiclass_nms`` (the op the detector's NMS goes through) against onnxruntime's
   ``NonMaxSuppression`` on a hand-built ONNX model: the standard op is the oracle;
 - the exported detector (untrained, weights drawn so that it detects) against PyTorch on tiny
-  images, and ``ONNXRuntimeDetector`` against the model's own ``predict``;
+  images, and ``ONNXRuntimeDetector`` and ``OpenVINODetector`` against the model's own ``predict``
+  (dynamic batch, and a fixed batch on a number of images that is not a multiple of it);
 - ``tools/deploy/export_onnx.py --check`` and ``tools/test.py`` on the ``.onnx``: the same
   predictions and metrics as ``tools/test.py`` on the checkpoint.
 """
@@ -128,14 +129,24 @@ def samples_for(img_shapes, scale_factors):
             for shape, factor in zip(img_shapes.tolist(), scale_factors.tolist())]
 
 
-def test_onnxruntime_detector_predicts_like_the_model(exported):
+@pytest.mark.parametrize("runtime", [ONNXRuntimeDetector, OpenVINODetector], ids=["onnxruntime", "openvino"])
+@pytest.mark.parametrize("batch", [None, 2], ids=["dynamic-batch", "batch-2"])
+def test_runtime_detector_predicts_like_the_model(exported, tmp_path, runtime, batch):
+    """Both runtimes run the one exported file and detect as the model does: with a dynamic batch, and
+    with a model exported for batches of 2 on 3 images (two chunks, the second padded, its padding
+    dropped)."""
     model, path, _ = exported
-    detector = ONNXRuntimeDetector(path, data_preprocessor=Config.fromfile(CONFIG).model.data_preprocessor,
-                                   num_threads=1)
+    if batch is not None:
+        path = str(tmp_path / "batch2.onnx")
+        export_detector(model, *example(batch), path)
+    detector = runtime(path, data_preprocessor=Config.fromfile(CONFIG).model.data_preprocessor, num_threads=1)
+    static_batch = detector.input_shape[0] if isinstance(detector.input_shape[0], int) else None
+    assert static_batch == batch
     inputs, img_shapes, scale_factors = example(3, seed=2)
     got = detector(inputs, samples_for(img_shapes, scale_factors))
     with torch.no_grad():
         want = model(inputs, samples_for(img_shapes, scale_factors), mode="predict")
+    assert len(got) == 3
     for a, b in zip(got, want, strict=True):
         a, b = a.pred_instances, b.pred_instances
         assert len(a) == len(b) > 50 and torch.equal(a.labels, b.labels)
@@ -145,47 +156,6 @@ def test_onnxruntime_detector_predicts_like_the_model(exported):
         detector(torch.zeros(1, 3, 96, 64), samples_for(img_shapes[:1], scale_factors[:1]))
     with pytest.raises(ValueError, match="only mode='predict'"):
         detector(inputs, None, mode="loss")
-
-
-def test_fixed_batch_model_on_a_batch_that_is_not_a_multiple(tmp_path):
-    """A model exported for batches of 2 runs 3 images: two chunks, the second padded and its padding
-    dropped; the detections are the model's."""
-    model = build_detector()
-    path = str(tmp_path / "batch2.onnx")
-    export_detector(model, *example(2), path)
-    detector = ONNXRuntimeDetector(path, data_preprocessor=Config.fromfile(CONFIG).model.data_preprocessor,
-                                   num_threads=1)
-    assert detector.input_shape[0] == 2
-    inputs, img_shapes, scale_factors = example(3, seed=3)
-    got = detector(inputs, samples_for(img_shapes, scale_factors))
-    with torch.no_grad():
-        want = model(inputs, samples_for(img_shapes, scale_factors), mode="predict")
-    assert len(got) == 3
-    for a, b in zip(got, want, strict=True):
-        a, b = a.pred_instances, b.pred_instances
-        assert len(a) == len(b) > 50 and torch.equal(a.labels, b.labels)
-        torch.testing.assert_close(a.bboxes, b.bboxes, rtol=0, atol=1e-3)
-
-
-@pytest.mark.parametrize("batch", [2, None])
-def test_openvino_detector_predicts_like_the_model(exported, tmp_path, batch):
-    """OpenVINO runs the file written for onnxruntime (dynamic batch, and a fixed batch of 2 on 3
-    images) and detects as the model does."""
-    model, path, _ = exported
-    if batch is not None:
-        path = str(tmp_path / "batch2.onnx")
-        export_detector(model, *example(batch), path)
-    detector = OpenVINODetector(path, data_preprocessor=Config.fromfile(CONFIG).model.data_preprocessor,
-                                num_threads=1)
-    inputs, img_shapes, scale_factors = example(3, seed=4)
-    got = detector(inputs, samples_for(img_shapes, scale_factors))
-    with torch.no_grad():
-        want = model(inputs, samples_for(img_shapes, scale_factors), mode="predict")
-    for a, b in zip(got, want, strict=True):
-        a, b = a.pred_instances, b.pred_instances
-        assert len(a) == len(b) > 50 and torch.equal(a.labels, b.labels)
-        torch.testing.assert_close(a.bboxes, b.bboxes, rtol=0, atol=1e-3)
-        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
 
 
 def test_dynamic_batch_needs_two_example_images():
